@@ -1,0 +1,121 @@
+"""Image processor for IMPure: any image -> (N, 3, S, S) float tensor in [0, 1].
+
+No normalisation here: the model normalises internally, so purified outputs stay in [0, 1] and
+can be fed to any classifier. This file travels into Hub folders as remote code.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+
+ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
+
+
+def to_pil_rgb(image: ImageLike) -> Image.Image:
+    """PIL / numpy (HWC or CHW, uint8 or float in [0, 1]) / torch (CHW) -> RGB PIL image."""
+    if isinstance(image, Image.Image):
+        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+            # composite transparency on white rather than dropping alpha into black
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"expected a PIL image, numpy array or torch tensor, got {type(image).__name__}")
+    array = image
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # CHW -> HWC
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(f"cannot read an image of shape {image.shape}: expected HW, HWC or CHW with 1, 3 or 4 channels")
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.floating):
+            raise TypeError(f"integer images must be uint8, got {array.dtype}")
+        if not np.isfinite(array).all():
+            raise ValueError("image contains NaN or inf")
+        array = (np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    return to_pil_rgb(Image.fromarray(array))
+
+
+class ImpureImageProcessor(BaseImageProcessor):
+    r"""Resize the shortest edge, centre-crop to ``crop_size`` and rescale to [0, 1].
+
+    Args:
+        crop_size: output side (the model's ``image_size``).
+        resize_shortest_edge: shortest edge before cropping (default: ``crop_size * 256 / 224``,
+            the usual ImageNet ratio). Set ``do_resize=False`` to crop only.
+        resample: PIL resampling filter (default bicubic).
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        crop_size: int = 224,
+        resize_shortest_edge: Optional[int] = None,
+        do_resize: bool = True,
+        do_center_crop: bool = True,
+        resample: int = int(Image.Resampling.BICUBIC),
+        **kwargs,
+    ):
+        # BaseImageProcessor.__init__ only stores extra kwargs; our attributes are explicit
+        super().__init__(**kwargs)
+        if not isinstance(crop_size, int) or crop_size <= 0:
+            raise ValueError(f"crop_size must be a positive integer, got {crop_size!r}")
+        self.crop_size = crop_size
+        self.resize_shortest_edge = resize_shortest_edge or round(crop_size * 256 / 224)
+        self.do_resize = do_resize
+        self.do_center_crop = do_center_crop
+        self.resample = int(resample)
+
+    def _one(self, image: ImageLike) -> np.ndarray:
+        pil = to_pil_rgb(image)
+        if self.do_resize:
+            w, h = pil.size
+            scale = self.resize_shortest_edge / min(w, h)
+            pil = pil.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample=self.resample)
+        if self.do_center_crop:
+            w, h = pil.size
+            if min(w, h) < self.crop_size:
+                raise ValueError(
+                    f"image of size {w}x{h} is smaller than crop_size {self.crop_size}; enable do_resize"
+                )
+            left, top = (w - self.crop_size) // 2, (h - self.crop_size) // 2
+            pil = pil.crop((left, top, left + self.crop_size, top + self.crop_size))
+        return np.asarray(pil, dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+    def preprocess(self, images, return_tensors: Optional[str] = "pt", **kwargs) -> BatchFeature:
+        """One image or a list -> ``BatchFeature(pixel_values=(N, 3, S, S) in [0, 1])``."""
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        if isinstance(images, (Image.Image, np.ndarray)) or (isinstance(images, torch.Tensor) and images.dim() <= 3):
+            images = [images]
+        elif isinstance(images, torch.Tensor):
+            images = list(images)
+        arrays = [self._one(image) for image in images]
+        if len({a.shape for a in arrays}) > 1:
+            raise ValueError("images of different sizes cannot be batched; enable do_resize and do_center_crop")
+        return BatchFeature({"pixel_values": np.stack(arrays)}, tensor_type=return_tensors)
+
+    def __call__(self, images, **kwargs) -> BatchFeature:
+        return self.preprocess(images, **kwargs)
+
+    @staticmethod
+    def post_process(pixel_values: torch.Tensor) -> list[Image.Image]:
+        """(N, 3, H, W) or (3, H, W) in [0, 1] -> list of RGB PIL images (rounded to uint8)."""
+        if pixel_values.dim() == 3:
+            pixel_values = pixel_values.unsqueeze(0)
+        arrays = (pixel_values.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in arrays]
+
+
+__all__ = ["ImpureImageProcessor", "to_pil_rgb"]
