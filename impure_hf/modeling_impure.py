@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
@@ -240,6 +242,9 @@ class ImpurePreTrainedModel(PreTrainedModel):
                 module.decoder_pos_embed,
                 sincos_table(module.config.decoder_hidden_size, module.config.pos_grid),
             )
+            # non-persistent buffers are not in checkpoints: rebuilt from the config
+            init.copy_(module.image_mean, torch.tensor(module.config.image_mean).view(1, -1, 1, 1))
+            init.copy_(module.image_std, torch.tensor(module.config.image_std).view(1, -1, 1, 1))
             if module.config.uses_noise:
                 sac, s1m = noise_schedule(module.config.num_diffusion_steps)
                 init.copy_(module.sqrt_alphas_cumprod, sac)
@@ -406,7 +411,11 @@ class ImpureModel(ImpurePreTrainedModel):
         kept = []
         for i, block in enumerate(blocks):
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                # transformers' activation_checkpointing_enable sets _gradient_checkpointing_func
+                checkpoint = getattr(self, "_gradient_checkpointing_func", None) or partial(
+                    torch.utils.checkpoint.checkpoint, use_reentrant=False
+                )
+                x = checkpoint(block.__call__, x)
             else:
                 x = block(x)
             if i in keep:
