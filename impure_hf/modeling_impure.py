@@ -375,7 +375,8 @@ class ImpureModel(ImpurePreTrainedModel):
         if division == "uniform":
             key = (h, w, str(device))
             if key not in self._division_cache:  # built once per grid and device
-                self._division_cache[key] = uniform_division(h, w, self.config.num_subsets, device)
+                with torch.inference_mode(False):  # a normal tensor, usable later under autograd
+                    self._division_cache[key] = uniform_division(h, w, self.config.num_subsets, device)
             return self._division_cache[key].expand(batch, L)
         if division == "random":
             return torch.argsort(_rand((batch, L), generator, device), dim=1)

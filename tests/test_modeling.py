@@ -280,3 +280,12 @@ def test_gradient_checkpointing_gives_same_gradients(photos):
     assert model.gradient_checkpointing
     for a, b in zip(plain, grads()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_first_call_under_inference_mode_does_not_poison_later_training_calls(photos):
+    model = tiny_model().eval()
+    with torch.inference_mode():
+        model(photos)
+    photos = photos.clone().requires_grad_(True)
+    model(photos).reconstruction.sum().backward()  # the cached uniform division must be a normal tensor
+    assert photos.grad is not None
