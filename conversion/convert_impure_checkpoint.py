@@ -1,0 +1,22 @@
+"""Convert the authors' released IMPure checkpoint (github.com/NoWindButRain/IMPure) into a Hub folder.
+
+Same as ``impure convert``; the implementation lives in ``impure_hf/convert.py``.
+
+    python conversion/convert_impure_checkpoint.py IMPure.pth --out impure-vit-b-release
+    python conversion/convert_impure_checkpoint.py tiny.pth --out tiny --config-from-args \\
+        --num-heads 4 --decoder-num-heads 3
+    python conversion/convert_impure_checkpoint.py IMPure.pth --out impure-vit-b-release \\
+        --push-to-hub ORG/impure-vit-b-release
+
+Flags: ``--preset NAME`` (sizes from a preset, default impure-vit-b-release) or
+``--config-from-args`` (sizes from the checkpoint's args and shapes; heads from the release
+factory name or ``--num-heads`` / ``--decoder-num-heads``), ``--trust-checkpoint`` (unpickle with
+weights_only=False: trusted files only), ``--repo-id``, ``--push-to-hub REPO``, ``--private``.
+"""
+
+import sys
+
+from impure_hf.convert import main
+
+if __name__ == "__main__":
+    sys.exit(main())
