@@ -78,6 +78,7 @@ class TrainingConfig:
     mixed_precision: Optional[str] = _help("'no', 'fp16' or 'bf16' (Accelerate autocast); none: the launcher's setting (accelerate config / launch flags), else 'no'", default=None)
     gradient_checkpointing: bool = _help("recompute transformer blocks in backward to save memory", default=False)
     freeze_encoder: bool = _help("train only the decoder side (fine-tuning)", default=False)
+    train_crop_size: Optional[int] = _help("train on random aligned crops (with flips) of this side from each clean/adversarial pair; the position window covers the rest", default=None)
     # losses
     perceptual_loss: str = _help("'vgg19' (paper), 'vgg19_bn_release' (authors' code), 'classifier' (the target classifier's layers) or 'none'", default="vgg19")
     perceptual_pretrained: bool = _help("ImageNet weights for the VGG perceptual networks (torchvision)", default=True)
@@ -120,6 +121,7 @@ class TrainingConfig:
         check(self.perceptual_loss in PERCEPTUAL_LOSSES, f"perceptual_loss must be one of {PERCEPTUAL_LOSSES}, got {self.perceptual_loss!r}")
         check(self.rcm_max_chunks >= 2, f"rcm_max_chunks must be at least 2, got {self.rcm_max_chunks}")
         check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        check(self.train_crop_size is None or self.train_crop_size >= 1, f"train_crop_size must be a positive integer or none, got {self.train_crop_size}")
         if self.perceptual_layers is not None:
             check(isinstance(self.perceptual_layers, dict) and len(self.perceptual_layers) > 0, f"perceptual_layers must be a non-empty mapping of layer name to weight, got {self.perceptual_layers!r}")
             check(self.perceptual_loss != "none", "perceptual_layers given but perceptual_loss is 'none'")
@@ -191,6 +193,29 @@ def _collate(processor: ImpureImageProcessor, rows: list[dict]) -> dict[str, tor
     if "label" in rows[0]:
         batch["labels"] = torch.tensor([row["label"] for row in rows], dtype=torch.long)
     return batch
+
+
+def random_crop_pairs(
+    clean: torch.Tensor, adversarial: torch.Tensor, size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random square crop, and a random horizontal flip, of each clean/adversarial pair.
+
+    Training on crops is far cheaper than on whole images, and the purifier works on any window of
+    its position grid (the release trains 224 px windows of a 448 px table the same way).
+    """
+    n, _, height, width = clean.shape
+    if size > min(height, width):
+        raise ValueError(f"train_crop_size {size} is larger than the training images ({height}x{width})")
+    device = generator.device
+    tops = torch.randint(0, height - size + 1, (n,), generator=generator, device=device).tolist()
+    lefts = torch.randint(0, width - size + 1, (n,), generator=generator, device=device).tolist()
+    flips = torch.rand(n, generator=generator, device=device).lt(0.5).tolist()
+    crops = []
+    for images in (clean, adversarial):
+        out = torch.stack([images[i, :, t : t + size, l : l + size] for i, (t, l) in enumerate(zip(tops, lefts))])
+        flip = torch.tensor(flips, device=out.device).view(n, 1, 1, 1)
+        crops.append(torch.where(flip, out.flip(-1), out))
+    return crops[0], crops[1]
 
 
 def check_columns(dataset, name: str = "dataset") -> None:
@@ -488,8 +513,11 @@ class ImpureTrainer:
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Loss terms of one micro-batch (backward and optimizer step are done by ``run``)."""
-        output = self.model(batch["adversarial"], generator=self.generator)
-        return self.objective(output.reconstruction, batch["clean"], batch["adversarial"], generator=self.generator)
+        clean, adversarial = batch["clean"], batch["adversarial"]
+        if self.config.train_crop_size is not None:
+            clean, adversarial = random_crop_pairs(clean, adversarial, self.config.train_crop_size, self.generator)
+        output = self.model(adversarial, generator=self.generator)
+        return self.objective(output.reconstruction, clean, adversarial, generator=self.generator)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:

@@ -263,3 +263,22 @@ def test_two_process_cpu_run_trains_and_saves(tmp_path):
     assert model.config.hidden_size == TINY["hidden_size"]
     assert any("eval/psnr" in row for row in state["history"])
     assert any("train/perceptual/features.38" in row for row in state["history"])
+
+
+def test_random_crop_pairs_are_aligned_and_reproducible():
+    from impure_hf.train import random_crop_pairs
+
+    clean = torch.rand(4, 3, 40, 40)
+    adversarial = clean + 0.01  # a constant offset: aligned crops keep it exactly
+    a = random_crop_pairs(clean, adversarial, 16, torch.Generator().manual_seed(1))
+    b = random_crop_pairs(clean, adversarial, 16, torch.Generator().manual_seed(1))
+    assert a[0].shape == (4, 3, 16, 16)
+    torch.testing.assert_close(a[1] - a[0], torch.full_like(a[0], 0.01))
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    # every crop is a window of its own image, flipped or not
+    for crop, image in zip(a[0], clean):
+        windows = image.unfold(1, 16, 1).unfold(2, 16, 1).permute(1, 2, 0, 3, 4)
+        hits = (windows == crop).flatten(2).all(-1) | (windows == crop.flip(-1)).flatten(2).all(-1)
+        assert hits.any()
+    with pytest.raises(ValueError, match="train_crop_size 64 is larger"):
+        random_crop_pairs(clean, adversarial, 64, torch.Generator())
