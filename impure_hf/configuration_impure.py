@@ -66,8 +66,9 @@ class ImpureConfig(PreTrainedConfig):
         pos_embed_grid: side of the fixed sin-cos position table; None = image_size / patch_size.
             A larger grid (28 in the release) gives each input a window of it: random offset in
             training, centred in eval.
-        decoder_chunk_size: number of subsets reconstructed per decoder call (None = all S in
-            one call). Every setting gives the same output; it trades speed for memory.
+        decoder_chunk_size: number of subsets reconstructed per decoder call (None = chosen per
+            device and batch size from a token budget; S = all in one call, 1 = a per-subset loop).
+            Every setting gives the same output; it trades speed for memory.
         image_mean / image_std: normalisation applied inside the model; inputs are in [0, 1].
     """
 

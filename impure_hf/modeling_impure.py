@@ -465,7 +465,7 @@ class ImpureModel(ImpurePreTrainedModel):
         """
         S = self.config.num_subsets
         N, L, Dd = latent.shape
-        chunk = self.config.decoder_chunk_size or S
+        chunk = self.config.decoder_chunk_size or self._auto_decoder_chunk(N, L, latent.device)
         head_tokens = self._head_tokens(heads) if self.decoder_head_embed is not None else None
         out = torch.zeros_like(latent)
         for start in range(0, S, chunk):
@@ -480,6 +480,15 @@ class ImpureModel(ImpurePreTrainedModel):
             # stitch: each patch keeps the reconstruction in which its own subset was hidden
             out = out + torch.where(masked.unsqueeze(-1), x, 0).sum(dim=0)
         return out
+
+    # decoder tokens per call above which the subsets are decoded in chunks (measured in benchmarks/:
+    # on CPU, one call over all N*S rows is no faster than a loop at large batch and holds S times
+    # the activations; on a GPU, small batches gain from one call)
+    DECODER_TOKEN_BUDGET = {"cpu": 16384, "cuda": 262144}
+
+    def _auto_decoder_chunk(self, batch: int, tokens: int, device: torch.device) -> int:
+        budget = self.DECODER_TOKEN_BUDGET.get(device.type, self.DECODER_TOKEN_BUDGET["cpu"])
+        return max(1, min(self.config.num_subsets, budget // (batch * (tokens + 1))))
 
     def _head_tokens(self, heads: torch.Tensor) -> torch.Tensor:
         """(S, N, 1, Dd): for subset k, the cls outputs of the other subsets (ascending) -> Linear."""
