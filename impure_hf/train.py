@@ -58,7 +58,8 @@ class TrainingConfig:
     model_overrides: dict = _help("ImpureConfig overrides, e.g. {image_size: 64, patch_size: 8}", default_factory=dict)
     dataset: Optional[str] = _help("adversarial dataset: `impure make-dataset` folder or Hub id (columns clean, adversarial)", default=None)
     train_split: str = _help("split to train on", default="train")
-    eval_split: Optional[str] = _help("split validated after every epoch ('none': no validation)", default="validation")
+    eval_split: Optional[str] = _help("split validated after every eval_epochs epochs ('none': no validation)", default="validation")
+    eval_epochs: int = _help("validate every N epochs (and at the end)", default=1)
     streaming: bool = _help("stream the dataset instead of loading it (needs --max-steps)", default=False)
     classifier: Optional[str] = _help("target classifier (impure_hf.classifiers.load_classifier name) for validation top-1 and the 'classifier' perceptual loss", default=None)
     output_dir: str = _help("folder for checkpoints, logs and the final model", default="outputs/impure")
@@ -105,7 +106,7 @@ class TrainingConfig:
             if not ok:
                 raise ValueError(message)
 
-        for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "logging_steps", "rcm_max_chunks"):
+        for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "logging_steps", "rcm_max_chunks", "eval_epochs"):
             check(getattr(self, name) >= 1, f"{name} must be a positive integer, got {getattr(self, name)}")
         for name in ("max_steps", "eval_batch_size", "save_steps", "total_limit"):
             value = getattr(self, name)
@@ -633,7 +634,8 @@ class ImpureTrainer:
                 if not state["batches_in_epoch"]:
                     raise ValueError("the training dataset yielded no batch")
                 state["epoch"], state["batches_in_epoch"] = epoch + 1, 0
-                if self.eval_loader is not None:
+                last = state["global_step"] >= self.total_steps
+                if self.eval_loader is not None and (state["epoch"] % config.eval_epochs == 0 or last):
                     self.validate()
                 if not (config.save_steps and state["global_step"] % config.save_steps == 0):
                     self.save_checkpoint()
@@ -677,6 +679,77 @@ def train(
     return ImpureTrainer(config, model, train_dataset, eval_dataset, classifier).run()
 
 
+# Fine-tuning defaults (the release fine-tunes with a lower rate for fewer epochs); any
+# TrainingConfig field given to `finetune` overrides them.
+FINETUNE_DEFAULTS = dict(
+    perceptual_loss="classifier",
+    learning_rate=1e-5,
+    num_epochs=10,
+    warmup_epochs=1.0,
+    output_dir="outputs/impure-finetune",
+)
+
+
+def check_classifier(classifier: nn.Module, image_size: int) -> int:
+    """Run ``classifier`` once on [0, 1] images of the purifier's size; return its number of classes.
+
+    The purifier hands the classifier (N, 3, S, S) images in [0, 1]. A network trained on other
+    inputs is declared once with ``impure_hf.classifiers.ImageClassifier(model, input_size, mean,
+    std, labels)``, which resizes and normalises. Anything that fails on such a batch, or does not
+    return (N, num_classes) finite logits, raises a ValueError saying what to declare.
+    """
+    if not isinstance(classifier, nn.Module):
+        raise TypeError(f"classifier must be a torch.nn.Module taking [0, 1] images, got {type(classifier).__name__}")
+    device = next(classifier.parameters(), torch.empty(0)).device
+    probe = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
+    declared = (
+        f" (declared input_size={classifier.input_size}, mean={classifier.mean.flatten().tolist()}, "
+        f"std={classifier.std.flatten().tolist()})"
+        if hasattr(classifier, "input_size")
+        else ""
+    )
+    hint = (
+        "The purifier gives the classifier RGB images in [0, 1]; declare what the network expects once with "
+        "impure_hf.classifiers.ImageClassifier(model, input_size=..., mean=..., std=..., labels=...), which "
+        "resizes and normalises (a network for grayscale input needs its own RGB-to-gray first layer)."
+    )
+    classifier.eval()  # the probe must not update BatchNorm statistics
+    try:
+        with torch.no_grad():
+            output = classifier(probe)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"the classifier {type(classifier).__name__}{declared} fails on a batch of shape {tuple(probe.shape)}, "
+            f"the purifier's {image_size} px output: {type(err).__name__}: {err}\n{hint}"
+        ) from err
+    logits = getattr(output, "logits", output)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 2 or logits.shape[1] < 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"the classifier{declared} must return (N, num_classes) logits for (N, 3, H, W) images, got {shape}. {hint}")
+    if not torch.isfinite(logits).all():
+        raise ValueError(f"the classifier{declared} returns NaN or inf logits on [0, 1] images. {hint}")
+    return int(logits.shape[1])
+
+
+def _check_label_set(dataset, classifier: nn.Module, num_classes: int) -> None:
+    """Labels of a ``datasets`` ClassLabel column must be the classifier's (same names, same order)."""
+    features = getattr(dataset, "features", None)
+    if features is None and isinstance(dataset, dict):  # a DatasetDict: every split has the same features
+        features = next(iter(dataset.values())).features
+    names = getattr((features or {}).get("label"), "names", None)
+    if names is None:
+        return
+    expected = getattr(classifier, "labels", None)
+    if expected is not None and list(names) != list(expected):
+        raise ValueError(
+            f"the dataset's labels ({len(names)} classes: {', '.join(names[:4])}, ...) are not the classifier's "
+            f"({len(expected)} classes: {', '.join(expected[:4])}, ...): build the pairs for this classifier "
+            "(impure_hf.finetuning.build_finetuning_dataset or `impure finetune` without --data)"
+        )
+    if len(names) != num_classes:
+        raise ValueError(f"the dataset has {len(names)} label classes but the classifier {num_classes} outputs")
+
+
 def finetune(
     purifier: Union[ImpureModel, str],
     classifier: Union[nn.Module, str],
@@ -686,22 +759,44 @@ def finetune(
 ) -> ImpureModel:
     """Fine-tune a trained purifier for one target classifier (the paper's flexible perceptual loss).
 
-    Same trainer as [`train`], with fine-tuning defaults: perceptual loss on the classifier's own
-    layers, lr 1e-5, 10 epochs, 1 warm-up epoch. Any [`TrainingConfig`] field can be overridden
-    (e.g. ``freeze_encoder=True``, ``perceptual_layers={...}``).
-    """
-    defaults = dict(
-        perceptual_loss="classifier",
-        learning_rate=1e-5,
-        num_epochs=10,
-        warmup_epochs=1.0,
-        output_dir="outputs/impure-finetune",
-    )
-    if isinstance(purifier, str):
-        from .hub import load_purifier
+    Same trainer as [`train`], with fine-tuning defaults ([`FINETUNE_DEFAULTS`]): perceptual loss
+    on the classifier's own layers, lr 1e-5, 10 epochs, 1 warm-up epoch. Any [`TrainingConfig`]
+    field can be overridden (e.g. ``freeze_encoder=True``, ``perceptual_layers={...}``,
+    ``perceptual_loss="vgg19"``).
 
+    Args:
+        purifier: an ``ImpureModel`` or a preset name / folder / Hub id (``hub.load_purifier``).
+        classifier: the target: a module taking (N, 3, H, W) images in [0, 1] and returning
+            logits, e.g. ``ImageClassifier(model, input_size, mean, std, labels)`` for a network
+            that expects normalised input, or a name for ``classifiers.load_classifier``. Its
+            label set can be any (not only ImageNet). It is checked once on a batch of the
+            purifier's size; a mismatch raises a ValueError before training.
+        dataset: adversarial pairs (``clean``, ``adversarial``, optionally ``label`` that must
+            follow the classifier's labels): a ``datasets`` Dataset, a DatasetDict split by
+            ``train_split`` / ``eval_split``, a dataset folder / Hub id, or None for the
+            ``dataset`` option. Build them with ``impure_hf.finetuning.build_finetuning_dataset``.
+        eval_dataset: validation pairs (default: the DatasetDict's ``eval_split``).
+    """
+    from .hub import load_purifier
+
+    if isinstance(purifier, str):
         purifier = load_purifier(purifier)
-    return train(TrainingConfig.from_dict({**defaults, **config}), purifier, dataset, eval_dataset, classifier)
+    if isinstance(classifier, str):
+        from .classifiers import load_classifier
+
+        classifier = load_classifier(classifier)
+    num_classes = check_classifier(classifier, purifier.config.image_size)
+    settings = TrainingConfig.from_dict({**FINETUNE_DEFAULTS, **config})
+    if isinstance(dataset, (str, Path)):
+        settings.dataset, dataset = str(dataset), None
+    if dataset is None and settings.dataset is not None:
+        from .data import load_adversarial_dataset
+
+        dataset = load_adversarial_dataset(settings.dataset, streaming=settings.streaming)
+    for data in (dataset, eval_dataset):
+        if data is not None:
+            _check_label_set(data, classifier, num_classes)
+    return train(settings, purifier, dataset, eval_dataset, classifier)
 
 
 # ---------------------------------------------------------------------------------- command line
@@ -760,4 +855,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["TrainingConfig", "ImpureTrainer", "train", "finetune", "validation_metrics", "check_columns", "encoder_parameters"]
+__all__ = ["TrainingConfig", "ImpureTrainer", "train", "finetune", "FINETUNE_DEFAULTS", "check_classifier", "validation_metrics", "check_columns", "encoder_parameters"]
