@@ -9,7 +9,7 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 _SUBCOMMAND_MODULES = (
     "impure_hf.data",
@@ -21,30 +21,12 @@ _SUBCOMMAND_MODULES = (
     "impure_hf.app",
 )
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-
-
-def iter_image_files(paths: Iterable) -> list[Path]:
-    """Image files from files and folders (folders searched recursively, sorted)."""
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise FileNotFoundError(f"no image files in folder {path}")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"no such image file or folder: {path}")
-    return files
-
-
 def _purify(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image, UnidentifiedImageError
     from tqdm.auto import tqdm
 
+    from .data import iter_image_files
     from .hub import load_purifier
     from .image_processing_impure import ImpureImageProcessor
 

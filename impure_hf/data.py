@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -375,6 +375,33 @@ def _prepare_output(out: Path, settings: dict, overwrite: bool) -> None:
     config_path.write_text(json.dumps(settings, indent=1))
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def iter_image_files(paths: Iterable) -> list[Path]:
+    """Image files from files and folders (folders searched recursively, sorted)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"no image files in folder {path}")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no such image file or folder: {path}")
+    return files
+
+
+def process_state():
+    """accelerate's process state; on CPUs (gloo) accelerate forms the process group only when told so."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+
+
 def build_adversarial_dataset(
     output_dir: PathLike,
     classifiers: Union[str, torch.nn.Module, Sequence[Union[str, torch.nn.Module]]] = "efficientnet_lite0",
@@ -420,13 +447,12 @@ def build_adversarial_dataset(
     Returns:
         ``output_dir`` as a Path.
     """
-    from accelerate import PartialState
     from tqdm.auto import tqdm
 
     from .attacks import ATTACKS, check_eps
     from .classifiers import load_classifier
 
-    state = PartialState()
+    state = process_state()
     if num_proc < 1 or (num_proc > 1 and state.num_processes > 1):
         raise ValueError(f"num_proc must be >= 1, and 1 under accelerate launch (which starts the processes); got {num_proc}")
     attacks = [a.lower() for a in (attacks or ATTACKS)]
@@ -482,6 +508,9 @@ def build_adversarial_dataset(
     pending = [shard for shard in plan if not (out / BUILD_DIR / f"{shard.name}.json").exists()]
     state.wait_for_everyone()  # every process sees the same pending list before any writes
     hide_bar = not (progress and state.is_main_process)
+    workers = num_proc if num_proc > 1 else state.num_processes
+    if state.is_main_process:
+        print(f"{len(pending)} of {len(plan)} shards to build on {workers} process(es)", flush=True)
     if num_proc > 1 and pending:
         import multiprocessing
 
@@ -669,9 +698,7 @@ def _make_dataset(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
     )
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         print(f"adversarial dataset written to {out} (card: {out / 'README.md'})")
     return 0
 

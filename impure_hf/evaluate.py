@@ -41,6 +41,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .data import process_state
+
 THREAT_MODELS: dict[str, str] = {
     "black-box": "black-box: attack crafted on the classifier alone, then purified",
     "white-box": "white-box adaptive: attack crafted end to end on purifier + classifier "
@@ -187,7 +189,7 @@ def load_eval_images(
             files = [path for path, _ in foolbox_imagenet_samples()]
             source = "foolbox's ImageNet photos"
         else:
-            from .cli import iter_image_files
+            from .data import iter_image_files
 
             files, source = iter_image_files([data]), str(data)
         files = files[:max_images] if max_images else files
@@ -283,14 +285,6 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
-def _process_state():
-    """accelerate's process state; on CPUs (gloo) accelerate forms the process group only when told so."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
-
-
 def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
@@ -366,7 +360,7 @@ class _Evaluation:
         device,
         progress,
     ):
-        self.state = _process_state()
+        self.state = process_state()
         self.device = torch.device(device) if device is not None else self.state.device
         self.eps = eps
         self.attacks, self.adaptive_attacks, self.threat_models = (
@@ -1113,7 +1107,7 @@ def _run_cli(args) -> int:
     except (ValueError, FileNotFoundError) as err:  # bad names, settings or data: a message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if _process_state().is_main_process:
+    if process_state().is_main_process:
         print(render_markdown(results))
         print(f"\nwrote {Path(args.out) / 'results.md'}, results.csv, results.json, accuracy.png, panels/")
     return 0

@@ -193,9 +193,11 @@ def test_two_process_builds_match_one_process(tmp_path):
     assert main(_cli_build_args(tmp_path / "pool") + ["--num-proc", "2"]) == 0
     assert rows(load_adversarial_dataset(tmp_path / "pool", split="train")) == expected
 
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "-m", "impure_hf.cli"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # DDP on CPUs (gloo): accelerate's multi-GPU launcher with ACCELERATE_USE_CPU (`--cpu` runs one process)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "-m", "impure_hf.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run(launch + _cli_build_args(tmp_path / "accelerate"), env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 process(es)" in result.stdout
     assert rows(load_adversarial_dataset(tmp_path / "accelerate", split="train")) == expected
     assert (tmp_path / "accelerate" / "README.md").read_text() == (tmp_path / "single" / "README.md").read_text()
