@@ -55,6 +55,14 @@ NO_DEFENCE = "none"
 
 
 # ---------------------------------------------------------------------------------- the defended model
+def amplified_perturbation(clean: torch.Tensor, adversarial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, H, W) perturbations, each scaled around grey 0.5 until its largest entry reaches 0 or 1
+    (as the panels and the demo page show them), and the (N,) factors they were scaled by."""
+    delta = adversarial - clean
+    factor = 0.5 / delta.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+    return (0.5 + factor * delta).clamp(0, 1), factor.flatten()
+
+
 def purified_pixel_values(
     purifier: nn.Module, pixel_values: torch.Tensor, generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:
@@ -1071,8 +1079,7 @@ def _write_panels(run: _Evaluation, out_dir: Path, count: int) -> None:
                 clean if defence.module is None else purified_pixel_values(defence.module, adversarial, generator)
             )
             predictions = [classifier(x).argmax(dim=-1).tolist() for x in (clean, adversarial, purified)]
-        delta = adversarial - clean
-        amplified = (0.5 + 0.5 * delta / delta.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)).clamp(0, 1)
+        amplified, _ = amplified_perturbation(clean, adversarial)
         fig, axes = plt.subplots(len(clean), 4, figsize=(12, 3.2 * len(clean)), squeeze=False)
         for row in range(len(clean)):
             columns = (

@@ -552,6 +552,13 @@ def _card_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _publish(args: argparse.Namespace) -> int:
+    if args.space:
+        from .app import publish_space
+
+        out = publish_space(args.model_dir, repo_id=args.repo_id, out_dir=args.out, dry_run=args.dry_run,
+                            private=args.private)
+        print(f"Space folder {'written (dry run, nothing uploaded)' if args.dry_run else 'uploaded from'}: {out}")
+        return 0
     out = publish(args.model_dir, repo_id=args.repo_id, out_dir=args.out, dry_run=args.dry_run, card=args.card,
                   private=args.private, **_card_kwargs(args))
     print(f"Hub folder {'built (dry run, nothing uploaded)' if args.dry_run else 'uploaded from'}: {out}")
@@ -601,6 +608,9 @@ def add_parser(subparsers) -> None:
     pub.add_argument("--dry-run", action="store_true", help="build and check the folder, do not upload")
     pub.add_argument("--card", default=None, help="use this model card file (default: MODEL_DIR/README.md if present)")
     pub.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    pub.add_argument("--space", action="store_true",
+                     help="build (and upload) the demo page as a Gradio Space instead: MODEL_DIR may also be a "
+                          "preset or Hub id, --out defaults to impure-space, --repo-id names the Space")
     _add_card_arguments(pub)
     pub.set_defaults(func=_publish)
 

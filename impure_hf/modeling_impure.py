@@ -348,9 +348,12 @@ class ImpureModel(ImpurePreTrainedModel):
             raise ValueError(
                 f"{h}x{w} patches (image {height}x{width}) cannot be split into {c.num_subsets} equal subsets"
             )
-        if not torch.isfinite(pixel_values).all():
+        # one host sync for all three checks
+        finite, lo, hi = torch.stack(
+            [torch.isfinite(pixel_values).all().to(pixel_values.dtype), pixel_values.min(), pixel_values.max()]
+        ).tolist()
+        if not finite:
             raise ValueError("pixel_values contains NaN or inf")
-        lo, hi = pixel_values.min().item(), pixel_values.max().item()
         if lo < -1e-3 or hi > 1 + 1e-3:
             warnings.warn(
                 f"pixel_values should lie in [0, 1] (the model normalises internally); got range "
@@ -382,26 +385,29 @@ class ImpureModel(ImpurePreTrainedModel):
             return torch.argsort(_rand((batch, L), generator, device), dim=1)
         raise ValueError(f"division must be 'uniform', 'random' or an (N, L) permutation, got {division!r}")
 
-    def _window_offset(self, noise: ImpureNoise, batch: int, h: int, w: int, generator, device) -> torch.Tensor:
-        """(N, 2) (row, col) offset of the h x w input window inside the position grid."""
-        if noise.window_offset is not None:
-            return noise.window_offset.to(device=device, dtype=torch.long).view(batch, 2)
+    def _window_offset(self, noise: ImpureNoise, batch: int, h: int, w: int, generator, device) -> tuple[torch.Tensor, bool]:
+        """(N, 2) (row, col) offsets of the h x w input window in the position grid, and whether
+        every window lies inside the table (known without a device sync except for given offsets)."""
         grid = self.config.pos_grid
+        if noise.window_offset is not None:
+            offset = noise.window_offset.to(device=device, dtype=torch.long).view(batch, 2)
+            inside = bool(offset.min() >= 0) and bool((offset.max(dim=0).values + torch.tensor([h, w], device=device) <= grid).all())
+            return offset, inside
         if self.training and grid >= h and grid >= w:
             # release order: column offset drawn first, then row offset
             ox = _randint(0, grid - w + 1, (batch,), generator, device)
             oy = _randint(0, grid - h + 1, (batch,), generator, device)
-            return torch.stack([oy, ox], dim=1)
+            return torch.stack([oy, ox], dim=1), True
         # eval (or an input larger than the grid): centred, floor division
-        return torch.tensor([(grid - h) // 2, (grid - w) // 2], device=device).expand(batch, 2)
+        oy, ox = (grid - h) // 2, (grid - w) // 2
+        return torch.tensor([oy, ox], device=device).expand(batch, 2), oy >= 0 and ox >= 0
 
-    def _positions(self, table: torch.Tensor, offset: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    def _positions(self, table: torch.Tensor, offset: torch.Tensor, inside: bool, h: int, w: int) -> torch.Tensor:
         """(N, L, width) position embeddings of each patch for the given window offsets."""
         grid = self.config.pos_grid
         r = torch.arange(h, device=offset.device).view(1, h, 1) + offset[:, 0].view(-1, 1, 1)
         c = torch.arange(w, device=offset.device).view(1, 1, w) + offset[:, 1].view(-1, 1, 1)
         r, c = r.expand(-1, h, w).reshape(len(offset), -1), c.expand(-1, h, w).reshape(len(offset), -1)
-        inside = bool(offset.min() >= 0) and bool(offset[:, 0].max() + h <= grid) and bool(offset[:, 1].max() + w <= grid)
         if inside:
             return table[0, 1:][r * grid + c]
         # the window leaves the table: the sin-cos formula extends to any cell
@@ -494,7 +500,9 @@ class ImpureModel(ImpurePreTrainedModel):
         """(S, N, 1, Dd): for subset k, the cls outputs of the other subsets (ascending) -> Linear."""
         S = self.config.num_subsets
         N, _, D = heads.shape
-        others = torch.tensor([[c for c in range(S) if c != k] for k in range(S)], device=heads.device)
+        # others[k] = the S - 1 subsets other than k, ascending (built on the device: no host copy)
+        j, k = torch.arange(S - 1, device=heads.device), torch.arange(S, device=heads.device)
+        others = j.view(1, -1) + (j.view(1, -1) >= k.view(-1, 1)).long()
         concat = heads[:, others].reshape(N, S, (S - 1) * D).transpose(0, 1)  # (S, N, (S-1)*D)
         # decoder position row 0 is zero: the head token carries no position
         return (self.decoder_head_embed(concat) + self.decoder_pos_embed[0, 0]).unsqueeze(2)
@@ -537,11 +545,11 @@ class ImpureModel(ImpurePreTrainedModel):
         h, w = self._check_input(pixel_values)
         N, L, S, device = pixel_values.shape[0], h * w, c.num_subsets, pixel_values.device
 
-        offset = self._window_offset(noise, N, h, w, generator, device)
+        offset, inside = self._window_offset(noise, N, h, w, generator, device)
         ids_shuffle = self._division(division, N, h, w, generator, device)
         subset_of_patch = torch.argsort(ids_shuffle, dim=1) // (L // S)  # (N, L)
-        pos = self._positions(self.pos_embed, offset, h, w)
-        dpos = self._positions(self.decoder_pos_embed, offset, h, w)
+        pos = self._positions(self.pos_embed, offset, inside, h, w)
+        dpos = self._positions(self.decoder_pos_embed, offset, inside, h, w)
 
         normalized = (pixel_values - self.image_mean) / self.image_std
         latent, heads = self.forward_encoder(normalized, ids_shuffle, pos)

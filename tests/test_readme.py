@@ -18,5 +18,5 @@ def test_readme_starts_with_two_setup_commands_and_ci_runs_the_test_one():
     assert len(commands) == 2
     install_and_run, install_and_test = commands
     assert install_and_run.startswith("bash install.sh && impure ")
-    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd ", "apt-get "))]
     assert ci == [install_and_test]
