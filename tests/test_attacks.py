@@ -36,7 +36,13 @@ def test_the_paper_attacks_are_all_there():
     assert {name for name, norm in ATTACK_NORMS.items() if norm == "L2"} == {"cw", "deepfool"}
 
 
-@pytest.mark.parametrize("name", list(ATTACKS))
+# the minimal-perturbation attacks take a minute or more on 2 cores: slow
+SLOW_ATTACKS = ("cw", "deepfool")
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_ATTACKS else n for n in ATTACKS]
+)
 def test_attack_fools_within_budget_after_rounding(batch, name):
     classifier, images, labels = batch
     state = {k: v.clone() for k, v in classifier.state_dict().items()}
