@@ -552,20 +552,19 @@ class ImpureModel(ImpurePreTrainedModel):
         dpos = self._positions(self.decoder_pos_embed, offset, inside, h, w)
 
         normalized = (pixel_values - self.image_mean) / self.image_std
-        latent, heads = self.forward_encoder(normalized, ids_shuffle, pos)
-        z = self.decoder_embed_norm(self.decoder_embed(latent))
-
         # what stands in for subset k's own features while subset k is reconstructed
         if c.image_mask == "noise":  # ImgNoise: features of a diffused copy of the image
             t = self._steps(noise.image_noise_step, c.image_noise_steps, c.image_noise_eval_step, (N,), generator, device)
             eps = noise.image_noise if noise.image_noise is not None else _rand(normalized.shape, generator, device, normal=True)
             noisy = self.sqrt_alphas_cumprod[t].view(N, 1, 1, 1) * normalized + self.sqrt_one_minus_alphas_cumprod[t].view(N, 1, 1, 1) * eps.to(normalized)
-            noisy_latent, _ = self.forward_encoder(noisy, ids_shuffle, pos)
-            fill = self.decoder_embed_norm(self.decoder_embed(noisy_latent))
-        elif c.image_mask == "occlude":  # no trace of the subset's own pixels
-            fill = self.mask_token.expand(N, L, -1)
+            # the clean and the noisy image share one batched encoder call (larger matmuls)
+            latent, heads = self.forward_encoder(torch.cat([normalized, noisy]), ids_shuffle.repeat(2, 1), pos.repeat(2, 1, 1))
+            z, fill = self.decoder_embed_norm(self.decoder_embed(latent)).split(N)
+            heads = heads[:N]  # the head token comes from the clean pass
         else:
-            fill = z
+            latent, heads = self.forward_encoder(normalized, ids_shuffle, pos)
+            z = self.decoder_embed_norm(self.decoder_embed(latent))
+            fill = self.mask_token.expand(N, L, -1) if c.image_mask == "occlude" else z
         if c.feature_mask == "noise":  # FeaNoise: diffuse the stand-in features once more
             t = self._steps(noise.feature_noise_step, c.feature_noise_steps, c.feature_noise_eval_step, (N, S), generator, device)
             eps = noise.feature_noise if noise.feature_noise is not None else _rand(fill.shape, generator, device, normal=True)
