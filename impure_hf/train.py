@@ -702,12 +702,10 @@ def check_classifier(classifier: nn.Module, image_size: int) -> int:
         raise TypeError(f"classifier must be a torch.nn.Module taking [0, 1] images, got {type(classifier).__name__}")
     device = next(classifier.parameters(), torch.empty(0)).device
     probe = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
-    declared = (
-        f" (declared input_size={classifier.input_size}, mean={classifier.mean.flatten().tolist()}, "
-        f"std={classifier.std.flatten().tolist()})"
-        if hasattr(classifier, "input_size")
-        else ""
-    )
+    declared = ""
+    if hasattr(classifier, "input_size"):  # an ImageClassifier: say what was declared
+        mean, std = ([round(v, 4) for v in t.flatten().tolist()] for t in (classifier.mean, classifier.std))
+        declared = f" (declared input_size={classifier.input_size}, mean={mean}, std={std})"
     hint = (
         "The purifier gives the classifier RGB images in [0, 1]; declare what the network expects once with "
         "impure_hf.classifiers.ImageClassifier(model, input_size=..., mean=..., std=..., labels=...), which "
@@ -719,8 +717,8 @@ def check_classifier(classifier: nn.Module, image_size: int) -> int:
             output = classifier(probe)
     except (RuntimeError, ValueError, TypeError) as err:
         raise ValueError(
-            f"the classifier {type(classifier).__name__}{declared} fails on a batch of shape {tuple(probe.shape)}, "
-            f"the purifier's {image_size} px output: {type(err).__name__}: {err}\n{hint}"
+            f"the classifier {type(classifier).__name__}{declared} fails on a batch of shape {tuple(probe.shape)} "
+            f"(the purifier's {image_size} px output): {type(err).__name__}: {err}\n{hint}"
         ) from err
     logits = getattr(output, "logits", output)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 2 or logits.shape[1] < 2:
