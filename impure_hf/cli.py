@@ -14,6 +14,7 @@ from typing import Optional
 _SUBCOMMAND_MODULES = (
     "impure_hf.data",
     "impure_hf.train",
+    "impure_hf.finetuning",
     "impure_hf.evaluate",
     "impure_hf.hub",
     "impure_hf.demo",
