@@ -195,11 +195,15 @@ def reference_forward(model, x, ids_shuffle, noise):
     return out
 
 
-@pytest.mark.parametrize("chunk", [None, 1, 3])
-def test_batched_and_chunked_decoder_equal_reference_loop(photos, chunk):
+@pytest.mark.parametrize("chunk, images_per_pass", [(None, None), (1, None), (3, None), (None, 1), (3, 3)])
+def test_batched_and_chunked_decoder_equal_reference_loop(photos, chunk, images_per_pass, monkeypatch):
     model = tiny_model(pos_embed_grid=10, decoder_chunk_size=chunk).train()
     x = torch.cat([photos[:, :, :, :24], photos[:1, :, :, 4:28]])  # non-square 32x24, N=4
     n, h, w = len(x), 8, 6
+    if images_per_pass is not None:  # inference in groups of images (3 + 1 or 1 + 1 + 1 + 1)
+        budget = images_per_pass * h * w * model.config.hidden_size
+        monkeypatch.setattr(ImpureModel, "INFERENCE_ACTIVATION_BUDGET", {"cpu": budget})
+        assert model._auto_image_chunk(n, h * w, x.device) == images_per_pass
     noise = _draw_noise(model, n, h, w, seed=5)
     ids = torch.argsort(torch.rand(n, h * w, generator=torch.Generator().manual_seed(9)), dim=1)
     with torch.no_grad():
