@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import statistics
 import subprocess
@@ -23,6 +24,9 @@ import torch
 from .modeling_impure import ImpureModel
 
 
+SECTIONS = ("inference", "training", "bf16", "attacks")
+
+
 @dataclass
 class Setting:
     """One row of the table: how the purifier (or the ViT-B reference) is run."""
@@ -33,6 +37,8 @@ class Setting:
     dtype: str = "fp32"  # "fp32" or "bf16" (autocast)
     sdpa: bool = True
     compile: bool = False
+    channels_last: bool = False  # conv parts (patch embedding, refinement) and the input in NHWC
+    image_mask: Optional[str] = None  # another masking mode than the preset's (a separate model)
     times: list = field(default_factory=list)
 
 
@@ -87,11 +93,19 @@ def time_settings(
     purifier, vit = _purifier(preset, device), _vit_b(device)
     x = torch.rand(batch, 3, image_size, image_size, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
-    calls = {}
+    calls, flop_counts = {}, {}
     for s in settings:
         if s.model == "vit_b":
             module = vit
             fn = lambda m=module: m(x)
+        elif s.image_mask is not None:
+            module = ImpureModel.from_preset(preset, image_mask=s.image_mask).to(device).eval()
+            fn = lambda m=module: m(x, generator=generator)
+            flop_counts[s.name] = count_flops(lambda m=module: m(x[:1], generator=generator)) * batch
+        elif s.channels_last:
+            module = copy.deepcopy(purifier).to(memory_format=torch.channels_last)
+            x_nhwc = x.contiguous(memory_format=torch.channels_last)
+            fn = lambda m=module: m(x_nhwc, generator=generator)
         else:
             module = purifier
             fn = lambda m=module, s=s: m(x, generator=generator)
@@ -116,10 +130,11 @@ def time_settings(
             s.times.append(time.perf_counter() - start)
     purifier.config.decoder_chunk_size = None
     purifier.set_attention_implementation(sdpa=True)
-    flops = {
+    per_model = {
         "purifier": count_flops(lambda: purifier(x[:1], generator=generator)) * batch,
         "vit_b": count_flops(lambda: vit(x[:1])) * batch,
     }
+    flops = {s.name: flop_counts.get(s.name, per_model[s.model]) for s in settings}
     return {"flops": flops, "median_s": {s.name: statistics.median(s.times) for s in settings}}
 
 
@@ -134,7 +149,7 @@ torch.set_grad_enabled(False)
 preset, batch, chunk, size = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 model = ImpureModel.from_preset(preset).eval()
 if chunk != "default":
-    model.config.decoder_chunk_size = None if chunk == "all" else int(chunk)
+    model.config.decoder_chunk_size = model.config.num_subsets if chunk == "all" else int(chunk)
 x = torch.rand(batch, 3, size, size)
 model(x[:1], generator=torch.Generator().manual_seed(0))
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
@@ -153,6 +168,144 @@ def peak_memory_mb(preset: str, batch: int, chunk: str = "default", image_size: 
     return float(out.stdout.strip().splitlines()[-1])
 
 
+# ---------------------------------------------------------------------------------- training
+_TRAINING_MEMORY_SCRIPT = """
+import sys, torch
+from impure_hf.bench import training_step
+
+def status(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
+
+step = training_step(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+step()
+open("/proc/self/clear_refs", "w").write("5")
+base = status("VmRSS:")
+step()
+print((status("VmHWM:") - base) / 1024)
+"""
+
+
+def training_step(
+    preset: str, batch: int, loss: str = "l1", image_size: int = 224, device: str = "cpu", **overrides
+) -> Callable[[], None]:
+    """One optimizer step (forward, IMPure loss, backward, AdamW) on random images, as a callable.
+
+    ``loss``: ``"l1"`` (pixel loss only), ``"vgg19"`` (the paper's perceptual loss, random VGG19
+    weights: the cost is the same) or ``"classifier"`` (EfficientNet-Lite0's own features, the
+    flexible perceptual loss), both with RCM.
+    """
+    from .losses import PerceptualLoss, PurificationLoss, RandomCombination
+
+    dev = torch.device(device)
+    model = ImpureModel.from_preset(preset, **overrides).to(dev).train()
+    perceptual = None
+    if loss == "vgg19":
+        perceptual = PerceptualLoss.vgg19(weights=None)
+    elif loss == "classifier":
+        from .classifiers import load_classifier
+
+        perceptual = PerceptualLoss.from_classifier(load_classifier("efficientnet_lite0"))
+    elif loss != "l1":
+        raise ValueError(f"loss must be 'l1', 'vgg19' or 'classifier', got {loss!r}")
+    rcm = RandomCombination(model.config.patch_size) if perceptual is not None else None
+    objective = PurificationLoss(model.config.image_mean, model.config.image_std, perceptual, rcm).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    clean = torch.rand(batch, 3, image_size, image_size, device=dev)
+    adversarial = (clean + 0.06 * torch.rand_like(clean) - 0.03).clamp(0, 1)
+    generator = torch.Generator(device=dev).manual_seed(0)
+
+    def step() -> None:
+        out = model(adversarial, generator=generator)
+        objective(out.reconstruction, clean, adversarial, generator=generator)["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step.model = model  # for inspection
+    return step
+
+
+def run_training_benchmark(presets, batch: int, losses=("l1", "vgg19", "classifier"), repeats: int = 3, device: str = "cpu") -> list[dict]:
+    """Seconds per optimizer step (interleaved medians) and, on CPU, peak memory above the model."""
+    rows = []
+    for preset in presets:
+        steps = {loss: training_step(preset, batch, loss, device=device) for loss in losses}
+        times = {loss: [] for loss in losses}
+        for loss in losses:
+            steps[loss]()  # warm-up
+        for _ in range(repeats):
+            for loss in losses:
+                _sync(torch.device(device))
+                start = time.perf_counter()
+                steps[loss]()
+                _sync(torch.device(device))
+                times[loss].append(time.perf_counter() - start)
+        del steps
+        for loss in losses:
+            seconds = statistics.median(times[loss])
+            row = {"device": device, "preset": preset, "batch": batch, "setting": f"training step, loss {loss}",
+                   "s_per_step": seconds, "images_per_hour": 3600 * batch / seconds}
+            if device == "cpu":
+                out = subprocess.run([sys.executable, "-c", _TRAINING_MEMORY_SCRIPT, preset, str(batch), loss, "224"],
+                                     check=True, capture_output=True, text=True)
+                row["peak_mb_above_model"] = float(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{preset:>16} batch {batch:>3}  training step, loss {loss:<10} {seconds:7.2f} s/step "
+                  f"{row['images_per_hour']:8.0f} img/h  {row.get('peak_mb_above_model', float('nan')):6.0f} MB", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------- bf16 agreement
+def bf16_agreement(model: Optional[str] = None, classifier: str = "efficientnet_lite0", seed: int = 0) -> dict:
+    """Purify foolbox's 20 labelled ImageNet photos in fp32 and under bf16 autocast (CPU).
+
+    Returns the PSNR between the two purified versions and how many of the classifier's
+    predictions on them differ; ``model`` defaults to the embedded purifier (trained weights,
+    so the comparison means something).
+    """
+    from .classifiers import load_classifier
+    from .evaluate import load_eval_images
+    from .hub import load_purifier
+
+    purifier, net = load_purifier(model), load_classifier(classifier)
+    images = load_eval_images(image_size=purifier.config.image_size).pixel_values
+    outputs = {}
+    for dtype in ("fp32", "bf16"):
+        generator = torch.Generator().manual_seed(seed)
+        with torch.inference_mode(), _autocast(dtype, torch.device("cpu")):
+            outputs[dtype] = torch.cat([purifier(images[i : i + 4], generator=generator).purified_pixel_values.float() for i in range(0, len(images), 4)])
+    with torch.inference_mode():
+        predictions = {dtype: net(out).argmax(dim=-1) for dtype, out in outputs.items()}
+    mse = (outputs["fp32"] - outputs["bf16"]).pow(2).flatten(1).mean(dim=1)
+    return {
+        "model": str(model or "embedded default"),
+        "images": len(images),
+        "psnr_bf16_vs_fp32_db": float((10 * torch.log10(1 / mse.clamp_min(1e-12))).mean()),
+        "predictions_changed": int((predictions["fp32"] != predictions["bf16"]).sum()),
+    }
+
+
+# ---------------------------------------------------------------------------------- data and evaluation
+def attack_throughput(attacks=None, classifier: str = "efficientnet_lite0", batch: int = 16, seed: int = 0) -> list[dict]:
+    """Images/s of crafting each attack against ``classifier`` at 224 px (the dataset builder's
+    and the black-box evaluation's inner loop), on foolbox's photos."""
+    from .attacks import ATTACKS, attack_images, make_attack
+    from .classifiers import load_classifier
+    from .evaluate import load_eval_images
+
+    net = load_classifier(classifier)
+    data = load_eval_images(max_images=batch)
+    images, labels = data.pixel_values, data.labels
+    rows = []
+    for name in attacks or list(ATTACKS):
+        attack = make_attack(name, net)
+        start = time.perf_counter()
+        attack_images(attack, images, labels, seed=seed)
+        seconds = time.perf_counter() - start
+        rows.append({"setting": f"attack {name}", "classifier": classifier, "images_per_s": len(images) / seconds})
+        print(f"attack {name:<9} on {classifier}: {len(images) / seconds:7.2f} images/s", flush=True)
+    return rows
+
+
 def run_benchmark(
     presets=("impure-vit-b", "impure-vit-tiny"),
     batches=(1, 8, 32),
@@ -161,11 +314,17 @@ def run_benchmark(
     device: str = "cpu",
     with_compile: bool = False,
     out_dir: Optional[str] = None,
+    sections=("inference", "training", "bf16", "attacks"),
+    training_batch: int = 8,
 ) -> list[dict]:
+    """Every table of benchmarks/README.md in one run; ``sections`` picks a subset."""
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown benchmark section(s) {sorted(unknown)}; choose from {SECTIONS}")
     dev = torch.device(device)
     peak = matmul_flops_per_s(dev)
-    rows = []
-    for preset in presets:
+    rows, extra = [], {}
+    for preset in presets if "inference" in sections else ():
         for batch in batches:
             settings = [
                 Setting("purifier default", "purifier"),
@@ -173,6 +332,9 @@ def run_benchmark(
                 Setting("decoder: 2 subsets per call", "purifier", chunk=2),
                 Setting("decoder: per-subset loop", "purifier", chunk=1),
                 Setting("purifier eager attention", "purifier", sdpa=False),
+                Setting("purifier channels-last", "purifier", channels_last=True),
+                # occlusion masking encodes the image once; ImgNoise (the default) encodes it twice
+                Setting("purifier, occlusion masking", "purifier", image_mask="occlude"),
                 Setting("purifier bf16 autocast", "purifier", dtype="bf16"),
                 Setting("ViT-B/16 fp32", "vit_b"),
                 Setting("ViT-B/16 bf16 autocast", "vit_b", dtype="bf16"),
@@ -184,7 +346,7 @@ def run_benchmark(
             vit_bf16 = result["median_s"]["ViT-B/16 bf16 autocast"]
             for s in settings:
                 seconds = result["median_s"][s.name]
-                flops = result["flops"][s.model]
+                flops = result["flops"][s.name]
                 reference = vit_bf16 if s.dtype == "bf16" else vit_fp32
                 row = {
                     "device": device,
@@ -205,7 +367,16 @@ def run_benchmark(
                     mb = peak_memory_mb(preset, batch, chunk)
                     rows.append({"device": device, "preset": preset, "batch": batch, "setting": f"memory, decoder chunk={chunk}", "peak_mb_above_model": mb})
                     print(f"{preset:>16} batch {batch:>3}  memory decoder chunk={chunk:<8} {mb:8.0f} MB above the model", flush=True)
-    summary = {"matmul_gflop_per_s": peak / 1e9, "rows": rows, "torch": torch.__version__}
+    if "training" in sections:
+        extra["training"] = run_training_benchmark(presets, training_batch, device=device)
+    if "bf16" in sections and device == "cpu":
+        extra["bf16"] = bf16_agreement()
+        print(f"bf16 vs fp32 on {extra['bf16']['images']} photos: PSNR {extra['bf16']['psnr_bf16_vs_fp32_db']:.1f} dB, "
+              f"{extra['bf16']['predictions_changed']} prediction(s) changed", flush=True)
+    if "attacks" in sections:
+        extra["attacks"] = attack_throughput()
+    summary = {"matmul_gflop_per_s": peak / 1e9, "rows": rows, "torch": torch.__version__,
+               "device_name": _device_name(dev), **extra}
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         Path(out_dir, "bench_purify.json").write_text(json.dumps(summary, indent=1))
@@ -223,7 +394,8 @@ def _fmt(row: dict) -> str:
 
 def to_markdown(summary: dict) -> str:
     lines = [
-        f"Large fp32 matmul (4096^2): {summary['matmul_gflop_per_s']:.0f} GFLOP/s; torch {summary['torch']}",
+        f"{summary.get('device_name', '')}: large fp32 matmul (4096^2) {summary['matmul_gflop_per_s']:.0f} GFLOP/s; "
+        f"torch {summary['torch']}, {torch.get_num_threads()} threads",
         "",
         "| preset | batch | setting | ms/image | images/s | time / ViT-B (same dtype) | GFLOP/image | FLOP/s / matmul |",
         "|---|---|---|---|---|---|---|---|",
@@ -238,7 +410,28 @@ def to_markdown(summary: dict) -> str:
     if memory:
         lines += ["", "| preset | batch | setting | peak MB above the model |", "|---|---|---|---|"]
         lines += [f"| {r['preset']} | {r['batch']} | {r['setting']} | {r['peak_mb_above_model']:.0f} |" for r in memory]
+    if summary.get("training"):
+        lines += ["", "| preset | batch | training step (forward, loss, backward, AdamW) | s/step | images/hour | peak MB above the model |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['preset']} | {r['batch']} | {r['setting']} | {r['s_per_step']:.2f} | {r['images_per_hour']:.0f} | "
+                  f"{r.get('peak_mb_above_model', float('nan')):.0f} |" for r in summary["training"]]
+    if summary.get("bf16"):
+        b = summary["bf16"]
+        lines += ["", f"bf16 autocast vs fp32, {b['model']} on {b['images']} labelled photos: PSNR between the two purified "
+                  f"versions {b['psnr_bf16_vs_fp32_db']:.1f} dB; classifier predictions changed: {b['predictions_changed']} of {b['images']}."]
+    if summary.get("attacks"):
+        lines += ["", "| attack (224 px, EfficientNet-Lite0) | images/s |", "|---|---|"]
+        lines += [f"| {r['setting']} | {r['images_per_s']:.2f} |" for r in summary["attacks"]]
     return "\n".join(lines) + "\n"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "cpu"
 
 
 def add_parser(subparsers) -> None:
@@ -250,9 +443,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--out", default=None, help="folder for bench_purify.json / .md")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                        help="inference (speed, FLOP/s, memory), training steps, bf16 agreement, attack throughput")
+    parser.add_argument("--training-batch", type=int, default=8)
     parser.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    run_benchmark(args.presets, args.batches, args.memory_batches, args.repeats, args.device, args.compile, args.out)
+    run_benchmark(args.presets, args.batches, args.memory_batches, args.repeats, args.device, args.compile, args.out,
+                  args.sections, args.training_batch)
     return 0
