@@ -143,16 +143,19 @@ def _derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(keys).generate_state(1)[0])
 
 
-def _offline_pools(split: str, size: int, seed: int) -> list[_Pool]:
+def _offline_pools(split: str, size: int, seed: int, extra_train_photos: Sequence[str] = ()) -> list[_Pool]:
     if split == "test":
         samples = foolbox_imagenet_samples()[:size]
         return [_Pool((_Candidate(f"foolbox/{path.name}", str(path), label),), 1) for path, label in samples]
-    photos = OFFLINE_PHOTOS[split]
+    # (source id, file): packaged photos by package-relative name, extra photos by folder/name
+    photos = [(name, str(package_file(name))) for name in OFFLINE_PHOTOS[split]]
+    if split == "train":
+        photos += [(f"{Path(path).parent.name}/{Path(path).name}", path) for path in extra_train_photos]
     pools = []
     for i in range(size):
-        photo = photos[i % len(photos)]
+        name, path = photos[i % len(photos)]
         crop_seed = _derive_seed(seed, SPLITS.index(split), i)
-        pools.append(_Pool((_Candidate(f"{photo}#crop{i:05d}", str(package_file(photo)), None, crop_seed),), 1))
+        pools.append(_Pool((_Candidate(f"{name}#crop{i:05d}", path, None, crop_seed),), 1))
     return pools
 
 
@@ -188,7 +191,7 @@ def _plan(settings: dict) -> list[_Shard]:
     for split in settings["splits"]:
         size = settings["sizes"][split]
         if settings["source"] == "offline":
-            pools = _offline_pools(split, size, settings["seed"])
+            pools = _offline_pools(split, size, settings["seed"], settings.get("extra_train_photos", ()))
         else:
             pools = _imagenet_pools(Path(settings["source"]), split, size, settings["seed"])
         step = settings["shard_size"]
@@ -420,6 +423,7 @@ def build_adversarial_dataset(
     device: Union[str, torch.device, None] = None,
     overwrite: bool = False,
     progress: bool = True,
+    extra_train_photos: Sequence[PathLike] = (),
 ) -> Path:
     """Build (or resume) an adversarial dataset folder loadable with [`load_adversarial_dataset`].
 
@@ -443,6 +447,9 @@ def build_adversarial_dataset(
             a GPU when there is one). Classifier objects are moved there and set to eval mode.
         overwrite: delete an existing build in ``output_dir`` first (never other folders).
         progress: show a progress bar (main process only).
+        extra_train_photos: offline source: more photo files or folders whose random crops join
+            the train split's (taken in turn with the packaged photos), e.g. a distribution's
+            wallpaper photos. Their resolved paths are part of the build's settings.
 
     Returns:
         ``output_dir`` as a Path.
@@ -467,6 +474,9 @@ def build_adversarial_dataset(
         if not source.is_dir():
             raise FileNotFoundError(f"ImageNet folder not found: {source} (or use source='offline')")
     kind = "offline" if source == "offline" else "imagenet"
+    if extra_train_photos and kind != "offline":
+        raise ValueError("extra_train_photos add to the offline source's train split; an ImageNet folder has its own images")
+    extra = [str(path.resolve()) for path in iter_image_files(extra_train_photos)] if extra_train_photos else []
     given = {"train": train_size, "validation": validation_size, "test": test_size}
     sizes = {s: _DEFAULT_SIZES[kind][s] if given[s] is None else given[s] for s in splits}
     for name, value in {**{f"{s}_size": v for s, v in sizes.items()}, "batch_size": batch_size, "shard_size": shard_size}.items():
@@ -500,6 +510,8 @@ def build_adversarial_dataset(
         "shard_size": shard_size,
         "label_names": label_names[0],
     }
+    if extra:  # only when given, so builds without extra photos keep their settings (and resume)
+        settings["extra_train_photos"] = extra
     plan = _plan(settings)  # lists the sources: raises on an empty folder before anything is written
     out = Path(output_dir)
     if state.is_main_process:
@@ -697,6 +709,7 @@ def _make_dataset(args: argparse.Namespace) -> int:
         num_proc=args.num_proc,
         device=args.device,
         overwrite=args.overwrite,
+        extra_train_photos=args.extra_train_photos,
     )
     if process_state().is_main_process:
         print(f"adversarial dataset written to {out} (card: {out / 'README.md'})")
@@ -713,6 +726,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("output_dir", help="dataset folder to write (rerun the same command to resume)")
     parser.add_argument("--source", default="offline", help="'offline' (packaged photos) or an ImageNet folder with train/ and val/ in ImageFolder layout")
+    parser.add_argument("--extra-train-photos", nargs="+", default=[], metavar="PATH", help="offline source: more photo files or folders for the train split's random crops (e.g. /usr/share/backgrounds/mate/nature)")
     parser.add_argument("--classifier", nargs="+", default=["efficientnet_lite0"], help="target classifier name(s): efficientnet_lite0, timm names, transformers folders / Hub ids")
     parser.add_argument("--attacks", nargs="+", default=["all"], help="attack names (fgsm cw deepfool pgd mifgsm difgsm mdfgsm apgd-ce apgd-dlr) or 'all'")
     parser.add_argument("--eps", type=parse_eps, default=16 / 255, help="L_inf budget, e.g. 16/255 (default)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -212,3 +213,21 @@ def _compare_two_process_builds(tmp_path, main):
     assert "on 2 process(es)" in result.stdout
     assert rows(load_adversarial_dataset(tmp_path / "accelerate", split="train")) == expected
     assert (tmp_path / "accelerate" / "README.md").read_text() == (tmp_path / "single" / "README.md").read_text()
+
+
+def test_extra_train_photos_join_the_train_crops(tmp_path):
+    extra = tmp_path / "wallpapers"
+    extra.mkdir()
+    shutil.copy(data.package_file("skimage/coffee.png"), extra / "coffee.png")
+    settings = dict(attacks=["fgsm"], splits=["train"], shard_size=4, progress=False)
+    count = len(data.OFFLINE_PHOTOS["train"]) + 1  # one crop of every packaged photo, then the extra one
+    out = build_adversarial_dataset(tmp_path / "out", lite0_small(), train_size=count, extra_train_photos=[extra], **settings)
+    ids = load_adversarial_dataset(out, split="train")["source_id"]
+    assert f"wallpapers/coffee.png#crop{count - 1:05d}" in ids
+    assert len({i.split("#")[0] for i in ids}) == count
+    recorded = json.loads((out / data.BUILD_DIR / "config.json").read_text())["extra_train_photos"]
+    assert recorded == [str((extra / "coffee.png").resolve())]
+    with pytest.raises(FileNotFoundError, match="no such image file or folder"):
+        build_adversarial_dataset(tmp_path / "missing", lite0_small(), extra_train_photos=[tmp_path / "nope"], **settings)
+    with pytest.raises(ValueError, match="extra_train_photos add to the offline source"):
+        build_adversarial_dataset(tmp_path / "imagenet", lite0_small(), source=tmp_path, extra_train_photos=[extra], **settings)
