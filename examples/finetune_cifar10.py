@@ -29,13 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from impure_hf import ImpureConfig, ImpureModel
 from impure_hf.classifiers import ImageClassifier, load_classifier
-from impure_hf.data import OFFLINE_PHOTOS, package_file
+from impure_hf.data import OFFLINE_PHOTOS, package_file, random_photo_crops
 
 CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # ImageNet-1k classes (indices) of each CIFAR-10 class. ImageNet has no deer: its antelopes stand in.
@@ -95,17 +94,7 @@ def cifar10_test_images():
 def photo_crops(split: str, n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     """n random square crops (resized to ``size``, in [0, 1]) of the offline builder's ``split``
     photos; train and validation photos are disjoint."""
-    rng = np.random.default_rng(seed)
-    photos = [np.asarray(Image.open(package_file(name)).convert("RGB")) for name in OFFLINE_PHOTOS[split]]
-    crops = []
-    for i in range(n):
-        photo = photos[i % len(photos)]
-        h, w = photo.shape[:2]
-        side = int(rng.integers(min(h, w) // 3, min(h, w) + 1))
-        top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-        pil = Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size), Image.BICUBIC)
-        crops.append(torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255).permute(2, 0, 1))
-    return torch.stack(crops)
+    return random_photo_crops([package_file(name) for name in OFFLINE_PHOTOS[split]], n, size, seed)
 
 
 def pretrain_base(out: Path = BASE_PURIFIER, steps: int = 4000, batch_size: int = 32, seed: int = 0) -> ImpureModel:

@@ -110,6 +110,28 @@ def foolbox_imagenet_samples() -> list[tuple[Path, int]]:
     return [(path, int(path.stem.split("_")[-1])) for path in paths]
 
 
+def random_photo_crops(photos: Sequence[PathLike], n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """(n, 3, size, size) random square crops of ``photos`` (files, taken in turn), in [0, 1].
+
+    Each side is drawn between a third of the photo's shorter side and all of it, then resized
+    (bicubic); ``seed`` fixes every draw. For quick experiments and tests on real photos; the
+    dataset builder draws its own crops per source entry (``_load_pixels``).
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arrays = [np.asarray(Image.open(path).convert("RGB")) for path in photos]
+    crops = []
+    for i in range(n):
+        photo = arrays[i % len(arrays)]
+        h, w = photo.shape[:2]
+        side = int(rng.integers(min(h, w) // 3, min(h, w) + 1))
+        top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        pil = Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size), Image.BICUBIC)
+        crops.append(torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255).permute(2, 0, 1))
+    return torch.stack(crops)
+
+
 # ------------------------------------------------------------------------------------- the plan
 @dataclass(frozen=True)
 class _Candidate:
@@ -756,5 +778,6 @@ __all__ = [
     "package_data_dir",
     "package_file",
     "parse_eps",
+    "random_photo_crops",
     "to_tensors",
 ]

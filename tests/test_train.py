@@ -15,28 +15,17 @@ import torch
 from PIL import Image
 
 from impure_hf import ImpureModel
+from impure_hf.data import package_file, random_photo_crops
 from impure_hf.train import TrainingConfig, config_from_args, encoder_parameters, finetune, train, validation_metrics
 
 from conftest import TINY, tiny_model
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "ihc.png", "hubble_deep_field.jpg")
 
 
 def real_crops(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     """n random square crops of skimage's real photos, resized to ``size``, in [0, 1]."""
-    from skimage import data
-
-    rng = np.random.default_rng(seed)
-    photos = [getattr(data, name)() for name in PHOTOS]
-    crops = []
-    for i in range(n):
-        photo = photos[i % len(photos)]
-        h, w = photo.shape[:2]
-        side = int(rng.integers(min(h, w) // 3, min(h, w) + 1))
-        top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-        pil = Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size), Image.BICUBIC)
-        crops.append(torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255).permute(2, 0, 1))
-    return torch.stack(crops)
+    return random_photo_crops([package_file(f"skimage/{name}") for name in PHOTOS], n, size, seed)
 
 
 def pair_dataset(n: int, size: int = 32, seed: int = 0, eps: float = 8 / 255) -> datasets.Dataset:
