@@ -376,7 +376,7 @@ def run_benchmark(
     if "attacks" in sections:
         extra["attacks"] = attack_throughput()
     summary = {"matmul_gflop_per_s": peak / 1e9, "rows": rows, "torch": torch.__version__,
-               "device_name": _device_name(dev), **extra}
+               "threads": torch.get_num_threads(), "device_name": _device_name(dev), **extra}
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         Path(out_dir, "bench_purify.json").write_text(json.dumps(summary, indent=1))
@@ -395,7 +395,7 @@ def _fmt(row: dict) -> str:
 def to_markdown(summary: dict) -> str:
     lines = [
         f"{summary.get('device_name', '')}: large fp32 matmul (4096^2) {summary['matmul_gflop_per_s']:.0f} GFLOP/s; "
-        f"torch {summary['torch']}, {torch.get_num_threads()} threads",
+        f"torch {summary['torch']}, {summary.get('threads', '?')} threads",
         "",
         "| preset | batch | setting | ms/image | images/s | time / ViT-B (same dtype) | GFLOP/image | FLOP/s / matmul |",
         "|---|---|---|---|---|---|---|---|",
