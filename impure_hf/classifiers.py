@@ -105,8 +105,14 @@ class ImageClassifier(nn.Module):
             if isinstance(value, int) and value > 0:
                 return value
         device = next(self.model.parameters(), torch.empty(0)).device
-        with torch.no_grad():
-            return int(self(torch.zeros(1, 3, self.input_size, self.input_size, device=device)).shape[-1])
+        try:
+            with torch.no_grad():
+                return int(self(torch.zeros(1, 3, self.input_size, self.input_size, device=device)).shape[-1])
+        except RuntimeError as error:  # e.g. a Linear head sized for another input_size
+            raise ValueError(
+                f"could not find the classifier's number of classes by running one {self.input_size}x{self.input_size} "
+                f"image through it ({error}); check input_size or pass num_classes="
+            ) from error
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) images in [0, 1] -> (N, num_classes) logits."""

@@ -56,6 +56,11 @@ def test_forward_resizes_and_normalises():
         classifier(torch.rand(3, 32, 32))
     with pytest.raises(ValueError, match="labels"):
         ImageClassifier(net, 32, labels=["a", "b"])
+    # a head sized for 32 px inputs cannot be probed at 48 px: a clear error, not a raw matmul one
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 5))
+    with pytest.raises(ValueError, match="input_size.*num_classes="):
+        ImageClassifier(flat, 48)
+    assert ImageClassifier(flat, 48, num_classes=5).num_classes == 5
 
 
 def test_transformers_folder(tmp_path):
