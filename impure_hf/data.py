@@ -664,6 +664,18 @@ def _write_card(out: Path, settings: dict, plan: list[_Shard]) -> None:
         "licences and data READMEs; foolbox's ImageNet samples). ImageNet images remain under the ImageNet terms of access.",
         "",
     ]
+    extra = settings.get("extra_train_photos") or []
+    if extra:
+        folders = sorted({str(Path(path).parent) for path in extra})
+        lines += [
+            f"The train split also crops {len(extra)} extra photo file(s) given with `--extra-train-photos`, from "
+            + ", ".join(f"`{folder}`" for folder in folders)
+            + "; they stay under the licences of whoever ships them (for a Debian package: "
+            "`/usr/share/doc/<package>/copyright`, and `dpkg -S <file>` names the package). Files: "
+            + ", ".join(f"`{Path(path).name}`" for path in extra)
+            + ".",
+            "",
+        ]
     DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)).save(out / "README.md")
 
 

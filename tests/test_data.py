@@ -227,6 +227,8 @@ def test_extra_train_photos_join_the_train_crops(tmp_path):
     assert len({i.split("#")[0] for i in ids}) == count
     recorded = json.loads((out / data.BUILD_DIR / "config.json").read_text())["extra_train_photos"]
     assert recorded == [str((extra / "coffee.png").resolve())]
+    card = (out / "README.md").read_text()
+    assert "1 extra photo file(s)" in card and "`coffee.png`" in card and str(extra.resolve()) in card
     with pytest.raises(FileNotFoundError, match="no such image file or folder"):
         build_adversarial_dataset(tmp_path / "missing", lite0_small(), extra_train_photos=[tmp_path / "nope"], **settings)
     with pytest.raises(ValueError, match="extra_train_photos add to the offline source"):
