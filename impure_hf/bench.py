@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -39,7 +39,6 @@ class Setting:
     compile: bool = False
     channels_last: bool = False  # conv parts (patch embedding, refinement) and the input in NHWC
     image_mask: Optional[str] = None  # another masking mode than the preset's (a separate model)
-    times: list = field(default_factory=list)
 
 
 def _autocast(dtype: str, device: torch.device):
@@ -51,6 +50,20 @@ def _autocast(dtype: str, device: torch.device):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def _interleaved_times(calls: dict, repeats: int, device: torch.device) -> dict:
+    """Seconds per call, ``repeats`` rounds of every call in turn (interleaved, so that a slow
+    spell of the machine hits every setting alike); the calls are already warmed up."""
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            _sync(device)
+            start = time.perf_counter()
+            call()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def matmul_flops_per_s(device: torch.device, size: int = 4096, dtype=torch.float32, repeats: int = 5) -> float:
@@ -121,13 +134,7 @@ def time_settings(
 
         call()  # warm-up (and compilation)
         calls[s.name] = call
-    for _ in range(repeats):
-        for s in settings:
-            _sync(device)
-            start = time.perf_counter()
-            calls[s.name]()
-            _sync(device)
-            s.times.append(time.perf_counter() - start)
+    times = _interleaved_times(calls, repeats, device)
     purifier.config.decoder_chunk_size = None
     purifier.set_attention_implementation(sdpa=True)
     per_model = {
@@ -135,7 +142,7 @@ def time_settings(
         "vit_b": count_flops(lambda: vit(x[:1])) * batch,
     }
     flops = {s.name: flop_counts.get(s.name, per_model[s.model]) for s in settings}
-    return {"flops": flops, "median_s": {s.name: statistics.median(s.times) for s in settings}}
+    return {"flops": flops, "median_s": {name: statistics.median(t) for name, t in times.items()}}
 
 
 _MEMORY_SCRIPT = """
@@ -229,16 +236,9 @@ def run_training_benchmark(presets, batch: int, losses=("l1", "vgg19", "classifi
     rows = []
     for preset in presets:
         steps = {loss: training_step(preset, batch, loss, device=device) for loss in losses}
-        times = {loss: [] for loss in losses}
         for loss in losses:
             steps[loss]()  # warm-up
-        for _ in range(repeats):
-            for loss in losses:
-                _sync(torch.device(device))
-                start = time.perf_counter()
-                steps[loss]()
-                _sync(torch.device(device))
-                times[loss].append(time.perf_counter() - start)
+        times = _interleaved_times(steps, repeats, torch.device(device))
         del steps
         for loss in losses:
             seconds = statistics.median(times[loss])
@@ -314,7 +314,7 @@ def run_benchmark(
     device: str = "cpu",
     with_compile: bool = False,
     out_dir: Optional[str] = None,
-    sections=("inference", "training", "bf16", "attacks"),
+    sections=SECTIONS,
     training_batch: int = 8,
 ) -> list[dict]:
     """Every table of benchmarks/README.md in one run; ``sections`` picks a subset."""
