@@ -219,13 +219,12 @@ def test_torch_hub_local_entry_points(source, tmp_path):
             assert built.config.to_dict() == ImpureConfig.from_preset(preset).to_dict()
 
 
-def test_torch_hub_embedded_default(tmp_path):
-    if (Path(impure_hf.DEFAULT_MODEL) / "config.json").is_file():
-        model = torch.hub.load(str(REPO_ROOT), "impure_vit_tiny", source="local")
-        assert isinstance(model, ImpureModel) and not model.training
-    else:
-        with pytest.raises(FileNotFoundError, match="pretrained=False"):
-            torch.hub.load(str(REPO_ROOT), "impure_vit_tiny", source="local")
+def test_torch_hub_embedded_default():
+    model = torch.hub.load(str(REPO_ROOT), "impure_vit_tiny", source="local")  # the weights shipped in the package
+    assert isinstance(model, ImpureModel) and not model.training
+    embedded = ImpureModel.from_pretrained(impure_hf.DEFAULT_MODEL)
+    for (name, a), (_, b) in zip(model.state_dict().items(), embedded.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_torch_hub_pretrained_comes_through_the_hf_cache(hub_folder, source, tmp_path):
