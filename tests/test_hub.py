@@ -30,6 +30,7 @@ from impure_hf.hub import (
     add_to_hf_cache,
     check_hub_folder,
     load_eval_results,
+    load_purifier,
     validate_model_card,
 )
 
@@ -219,12 +220,17 @@ def test_torch_hub_local_entry_points(source, tmp_path):
             assert built.config.to_dict() == ImpureConfig.from_preset(preset).to_dict()
 
 
-def test_torch_hub_embedded_default():
-    model = torch.hub.load(str(REPO_ROOT), "impure_vit_tiny", source="local")  # the weights shipped in the package
-    assert isinstance(model, ImpureModel) and not model.training
-    embedded = ImpureModel.from_pretrained(impure_hf.DEFAULT_MODEL)
-    for (name, a), (_, b) in zip(model.state_dict().items(), embedded.state_dict().items()):
-        assert torch.equal(a, b), name
+def test_embedded_default_is_small_safetensors_and_every_default_loader_returns_it():
+    weights = Path(impure_hf.DEFAULT_MODEL) / "model.safetensors"
+    assert weights.is_file() and weights.stat().st_size < 30 * 2**20
+    embedded = ImpureModel.from_pretrained(impure_hf.DEFAULT_MODEL).state_dict()
+    hub_model = torch.hub.load(str(REPO_ROOT), "impure_vit_tiny", source="local")  # no arguments
+    for model in (hub_model, load_purifier()):  # load_purifier(None): impure demo / purify / app
+        assert isinstance(model, ImpureModel) and not model.training
+        loaded = model.state_dict()
+        assert loaded.keys() == embedded.keys()
+        for name, tensor in loaded.items():
+            assert torch.equal(tensor, embedded[name]), name
 
 
 def test_torch_hub_pretrained_comes_through_the_hf_cache(hub_folder, source, tmp_path):
