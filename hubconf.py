@@ -15,7 +15,7 @@ dependencies = ["torch", "transformers", "huggingface_hub", "safetensors", "PIL"
 
 
 def _purifier(preset: str, pretrained: bool, repo_id: "str | None", **kwargs):
-    from impure_hf.hub import HUB_REPO_IDS, load_purifier
+    from impure_hf.loading import HUB_REPO_IDS, load_purifier
 
     return load_purifier((repo_id or HUB_REPO_IDS[preset]) if pretrained else preset, **kwargs)
 
@@ -63,7 +63,7 @@ def impure_vit_tiny(pretrained: bool = True, repo_id: "str | None" = None, **kwa
     if pretrained and repo_id is None:
         from pathlib import Path
 
-        from impure_hf import DEFAULT_MODEL
+        from impure_hf.loading import DEFAULT_MODEL
 
         if not (Path(DEFAULT_MODEL) / "config.json").is_file():
             raise FileNotFoundError(
@@ -92,8 +92,8 @@ def purified_classifier(classifier, purifier=None, num_samples: int = 1, **kwarg
     """
     from torch import nn
 
-    from impure_hf.evaluate import PurifiedClassifier
-    from impure_hf.hub import load_purifier
+    from impure_hf.defended import PurifiedClassifier
+    from impure_hf.loading import load_purifier
 
     if purifier is None:
         purifier = impure_vit_tiny(**kwargs)

@@ -1,6 +1,6 @@
 """Convert the authors' released IMPure checkpoint (github.com/NoWindButRain/IMPure) into a Hub folder.
 
-Same as ``impure convert``; the implementation lives in ``impure_hf/convert.py``.
+Same as ``impure convert`` (wired in ``impure_hf/cli.py``; the conversion lives in ``impure_hf/convert.py``).
 
     python conversion/convert_impure_checkpoint.py IMPure.pth --out impure-vit-b-release
     python conversion/convert_impure_checkpoint.py tiny.pth --out tiny --config-from-args \\
@@ -16,7 +16,7 @@ weights_only=False: trusted files only), ``--repo-id``, ``--push-to-hub REPO``, 
 
 import sys
 
-from impure_hf.convert import main
+from impure_hf.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["convert", *sys.argv[1:]]))

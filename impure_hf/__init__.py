@@ -1,17 +1,12 @@
 """impure_hf: IMPure adversarial purification as a Hugging Face / torch.hub model package."""
 
-from pathlib import Path
-
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from .configuration_impure import IMAGENET_MEAN, IMAGENET_STD, PRESETS, ImpureConfig
+from ._version import __version__
 from .image_processing_impure import ImpureImageProcessor
+from .loading import DEFAULT_MODEL, load_purifier
 from .modeling_impure import ImpureModel, ImpureNoise, ImpureOutput, ImpurePreTrainedModel
-
-__version__ = "0.1.0"
-
-# The embedded default purifier shipped inside the package (see model_card/ and the README).
-DEFAULT_MODEL = str(Path(__file__).parent / "weights" / "impure-vit-tiny-demo")
 
 # Auto classes, and remote code for saved folders (loadable with trust_remote_code=True
 # in a process that never imported impure_hf).
@@ -24,9 +19,10 @@ ImpureImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 
 def __getattr__(name):
-    # heavier pieces load on first use, so `import impure_hf` stays light
+    # heavier pieces (timm, accelerate, datasets, torchattacks) load on first use, so `import impure_hf`
+    # stays light for torch.hub and remote-code users; no package module imports this __init__
     if name == "PurifiedClassifier":
-        from .evaluate import PurifiedClassifier
+        from .defended import PurifiedClassifier
 
         return PurifiedClassifier
     if name == "finetune":
@@ -48,4 +44,7 @@ __all__ = [
     "ImpureOutput",
     "ImpurePreTrainedModel",
     "PurifiedClassifier",
+    "__version__",
+    "finetune",
+    "load_purifier",
 ]

@@ -22,8 +22,6 @@ Gradio is an optional extra (``pip install -e ".[app]"``), imported only when a 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import shutil
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -32,11 +30,18 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from ._utils import parse_eps
 from .attacks import ATTACK_NORMS, ATTACKS, DEFAULT_EPS, attack_images, check_eps, make_attack, round_to_uint8
-from .evaluate import amplified_perturbation
+from .classifiers import load_classifier
+from .configuration_impure import PRESETS
+from .data import foolbox_imagenet_samples, package_file
+from .defended import amplified_perturbation
+from .image_processing_impure import ImpureImageProcessor, to_pil_rgb
+from .loading import load_purifier
+from .publishing import publish_space, write_space  # noqa: F401  (their old home; `impure publish --space`)
 
 FALLBACK_MODEL = "impure-vit-tiny"  # stands in (untrained) while the embedded default is missing
 MAX_SIDE = 2048  # longer sides are shrunk before anything else: the purifier sees a small crop anyway
@@ -51,9 +56,6 @@ PHOTOS = (
     "skimage/astronaut.png",
     "skimage/rocket.jpg",
 )
-# Installed without their dependencies, as install.sh does: torchattacks pins requests~=2.25.1 (never
-# used), which pip cannot resolve together with the Hugging Face stack, so a requirements file cannot list it.
-NO_DEPS_REQUIREMENTS = ("torchattacks==3.5.1", "foolbox==3.3.4")
 
 PathLike = Union[str, Path]
 
@@ -66,10 +68,6 @@ def read_image(path: PathLike, max_side: int = MAX_SIDE) -> tuple[Image.Image, l
     grayscale, palette and CMYK images are converted to RGB and transparency is composited on
     white (``to_pil_rgb``). A file that is not a readable image raises a ValueError naming it.
     """
-    from PIL import UnidentifiedImageError
-
-    from .image_processing_impure import to_pil_rgb
-
     name = Path(path).name
     notes = []
     try:
@@ -157,8 +155,6 @@ class AttackDemo:
         model_name: str = "custom",
         note: Optional[str] = None,
     ):
-        from .image_processing_impure import ImpureImageProcessor
-
         self.purifier = purifier.eval()
         self.classifier = classifier.eval()
         self.seed = seed
@@ -180,10 +176,6 @@ class AttackDemo:
         """Load the purifier (a module, a preset name, a folder, a Hub id or None for the embedded
         default, else the untrained fallback) and the classifier (a module or a name for
         ``load_classifier``)."""
-        from .classifiers import load_classifier
-        from .configuration_impure import PRESETS
-        from .hub import load_purifier
-
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         note = None
         if isinstance(model, nn.Module):
@@ -304,8 +296,6 @@ def _import_gradio():
 
 def packaged_photos() -> list[Path]:
     """The real photos the page offers: ``PHOTOS`` and foolbox's labelled ImageNet photos, where installed."""
-    from .data import foolbox_imagenet_samples, package_file
-
     photos = []
     for name in PHOTOS:
         try:
@@ -328,8 +318,6 @@ def _uploaded_path(payload) -> str:
 
 
 def _parse_eps(text: str) -> float:
-    from .data import parse_eps
-
     try:
         return check_eps(parse_eps(str(text).strip()))
     except (ValueError, argparse.ArgumentTypeError) as err:
@@ -462,127 +450,9 @@ def build_app(
     return app.queue(default_concurrency_limit=1)
 
 
-# ---------------------------------------------------------------------------------- the Space
-_SPACE_APP = '''"""Hugging Face Space: attack an image and purify it with IMPure. Written by `impure publish --space`."""
-
-import importlib.util
-import subprocess
-import sys
-
-# torchattacks pins requests~=2.25.1, which it never uses and which pip cannot resolve together with the
-# Hugging Face stack, so requirements.txt cannot list it: install it (and foolbox, whose labelled photos
-# the page offers) without dependencies, as the package's install.sh does.
-missing = [req for req in {no_deps!r} if importlib.util.find_spec(req.split("==")[0]) is None]
-if missing:
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", *missing], check=True)
-
-from impure_hf.app import build_app  # noqa: E402  (the copy of the package beside this file)
-
-demo = build_app(model={model!r}, classifier={classifier!r})
-
-if __name__ == "__main__":
-    demo.launch()
-'''
-
-_SPACE_CARD = """
-# IMPure: attack an image, then purify it
-
-A classifier ({classifier}) is fooled by an adversarial attack; the IMPure purifier ({model})
-rebuilds every image patch from the other patches, so the classifier sees the right class again.
-Pick a photo or upload one, choose one of the paper's nine attacks and press the button.
-
-This Space runs impure_hf {version} (the `impure_hf/` folder here), written by `impure publish --space`.
-"""
-
-
-def write_space(
-    out_dir: PathLike,
-    model: Optional[str] = None,
-    classifier: str = "efficientnet_lite0",
-) -> Path:
-    """Write a Hugging Face Space folder (Gradio SDK) that serves this page.
-
-    The folder holds ``app.py`` (builds the page with [`build_app`]), ``requirements.txt`` (the
-    package's requirements and the Gradio version installed here), ``README.md`` (the Space's
-    front matter) and a copy of the ``impure_hf`` package, embedded model included, so the Space
-    runs exactly this version. ``model`` is a preset name or Hub id (passed on as text) or a saved
-    model folder (copied into ``model/``); None = the embedded default.
-    """
-    from huggingface_hub import SpaceCard, SpaceCardData
-
-    from . import __version__
-
-    try:
-        gradio_version = importlib.metadata.version("gradio")
-    except importlib.metadata.PackageNotFoundError:
-        raise ImportError('a Space pins the Gradio version installed here: pip install -e ".[app]"') from None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(Path(__file__).parent, out / "impure_hf", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-                    dirs_exist_ok=True)
-    models = [model] if model and "/" in model and not Path(model).exists() else []  # a Hub id: the card links it
-    if model is not None and Path(model).is_dir():
-        if not (Path(model) / "config.json").is_file():
-            raise FileNotFoundError(f"{model} has no config.json: not a saved IMPure model folder")
-        shutil.copytree(model, out / "model", dirs_exist_ok=True)
-        model = "model"
-    (out / "app.py").write_text(_SPACE_APP.format(
-        no_deps=NO_DEPS_REQUIREMENTS, model=model, classifier=classifier))
-    requirements = [r for r in importlib.metadata.requires("impure_hf") or [] if "extra ==" not in r]
-    (out / "requirements.txt").write_text("\n".join([*requirements, f"gradio=={gradio_version}"]) + "\n")
-    card_data = SpaceCardData(
-        title="IMPure: attack and purify",
-        emoji="🛡️",
-        colorFrom="indigo",
-        colorTo="gray",
-        sdk="gradio",
-        sdk_version=gradio_version,
-        app_file="app.py",
-        license="apache-2.0",
-        models=models or None,
-        tags=["adversarial-purification", "adversarial-robustness", "impure"],
-        short_description="Attack an image, then purify it with IMPure",
-    )
-    text = _SPACE_CARD.format(classifier=classifier, model=model or "the embedded default", version=__version__)
-    (out / "README.md").write_text(str(SpaceCard(f"---\n{card_data.to_yaml()}\n---\n{text}")), encoding="utf-8")
-    return out
-
-
-def publish_space(
-    model: Optional[str] = None,
-    repo_id: Optional[str] = None,
-    out_dir: Optional[PathLike] = None,
-    dry_run: bool = False,
-    private: bool = False,
-    token: Optional[str] = None,
-) -> Path:
-    """Write the Space folder ([`write_space`]) and, unless ``dry_run``, upload it to the Space ``repo_id``."""
-    if not dry_run and (not repo_id or repo_id.count("/") != 1):
-        raise ValueError(f"--repo-id must be ORG/NAME of the Space, got {repo_id!r}")
-    out = write_space(out_dir or "impure-space", model=model)
-    if not dry_run:
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
-        print(api.upload_folder(repo_id=repo_id, repo_type="space", folder_path=str(out),
-                                commit_message="Upload the IMPure demo page").commit_url)
-    return out
-
-
 # ---------------------------------------------------------------------------------- CLI
-def _main(args: argparse.Namespace) -> int:
-    app = build_app(args.model, args.classifier, device=args.device, seed=args.seed)
-    app.launch(server_name=args.host, server_port=args.port, show_error=True)
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    """Register ``impure app``."""
-    parser = subparsers.add_parser(
-        "app", help="the attack-and-purify page in the browser (needs the app extra: Gradio)",
-        description="Serve a page that attacks an image and purifies it (Gradio; pip install -e \".[app]\").",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``impure app``."""
     parser.add_argument("--model", default=None,
                         help="purifier: preset, folder or Hub id "
                              f"(default: the embedded model, else the untrained {FALLBACK_MODEL})")
@@ -591,7 +461,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts and the purifier's noise")
-    parser.set_defaults(func=_main)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``impure app``: serve the page until interrupted."""
+    app = build_app(args.model, args.classifier, device=args.device, seed=args.seed)
+    app.launch(server_name=args.host, server_port=args.port, show_error=True)
+    return 0
 
 
 __all__ = [

@@ -29,8 +29,13 @@ import math
 from typing import Callable, Optional
 
 import torch
-import torchattacks
 from torch import nn
+
+try:
+    import torchattacks
+except ImportError:  # not in install_requires: it pins requests~=2.25.1, which pip cannot resolve with the HF stack
+    raise ImportError("impure_hf needs torchattacks, installed without its dependencies by install.sh: "
+                      "pip install --no-deps torchattacks==3.5.1") from None
 
 from .classifiers import predict
 

@@ -21,6 +21,8 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from skimage.restoration import denoise_tv_chambolle, denoise_wavelet
 from torch import nn
 
 
@@ -100,8 +102,6 @@ class JPEGCompression(Purifier):
         return f"quality={self.quality}"
 
     def transform(self, pixel_values, generator):
-        from PIL import Image
-
         if pixel_values.shape[1] not in (1, 3):
             raise ValueError(f"JPEG needs 1 or 3 channels, got {pixel_values.shape[1]}")
         arrays = (pixel_values.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -227,8 +227,6 @@ class TotalVariationDenoising(_PerImageNumpy):
         return f"weight={self.weight:g}"
 
     def filter(self, image):
-        from skimage.restoration import denoise_tv_chambolle
-
         return denoise_tv_chambolle(image, weight=self.weight, channel_axis=-1)
 
 
@@ -245,7 +243,7 @@ class WaveletDenoising(_PerImageNumpy):
         try:
             import pywt
         except ImportError as err:
-            raise ImportError("the wavelet baseline needs PyWavelets: pip install PyWavelets") from err
+            raise ImportError('the wavelet baseline needs PyWavelets, an optional extra: pip install -e ".[eval]" (or pip install PyWavelets)') from err
         if wavelet not in pywt.wavelist():
             raise ValueError(f"unknown wavelet {wavelet!r}; see pywt.wavelist()")
         self.sigma = sigma
@@ -255,8 +253,6 @@ class WaveletDenoising(_PerImageNumpy):
         return f"sigma={self.sigma}, wavelet={self.wavelet}"
 
     def filter(self, image):
-        from skimage.restoration import denoise_wavelet
-
         return denoise_wavelet(
             image,
             sigma=self.sigma,

@@ -19,8 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import timm
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from .attacks import ATTACKS, attack_images, make_attack
+from .classifiers import load_classifier
+from .evaluate import load_eval_images
+from .loading import load_purifier
+from .losses import PerceptualLoss, PurificationLoss, RandomCombination
 from .modeling_impure import ImpureModel
 
 
@@ -82,16 +89,12 @@ def matmul_flops_per_s(device: torch.device, size: int = 4096, dtype=torch.float
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
 
 def _vit_b(device):
-    import timm
-
     return timm.create_model("vit_base_patch16_224", pretrained=False).to(device).eval()
 
 
@@ -201,16 +204,12 @@ def training_step(
     weights: the cost is the same) or ``"classifier"`` (EfficientNet-Lite0's own features, the
     flexible perceptual loss), both with RCM.
     """
-    from .losses import PerceptualLoss, PurificationLoss, RandomCombination
-
     dev = torch.device(device)
     model = ImpureModel.from_preset(preset, **overrides).to(dev).train()
     perceptual = None
     if loss == "vgg19":
         perceptual = PerceptualLoss.vgg19(weights=None)
     elif loss == "classifier":
-        from .classifiers import load_classifier
-
         perceptual = PerceptualLoss.from_classifier(load_classifier("efficientnet_lite0"))
     elif loss != "l1":
         raise ValueError(f"loss must be 'l1', 'vgg19' or 'classifier', got {loss!r}")
@@ -262,10 +261,6 @@ def bf16_agreement(model: Optional[str] = None, classifier: str = "efficientnet_
     predictions on them differ; ``model`` defaults to the embedded purifier (trained weights,
     so the comparison means something).
     """
-    from .classifiers import load_classifier
-    from .evaluate import load_eval_images
-    from .hub import load_purifier
-
     purifier, net = load_purifier(model), load_classifier(classifier)
     images = load_eval_images(image_size=purifier.config.image_size).pixel_values
     outputs = {}
@@ -288,10 +283,6 @@ def bf16_agreement(model: Optional[str] = None, classifier: str = "efficientnet_
 def attack_throughput(attacks=None, classifier: str = "efficientnet_lite0", batch: int = 16, seed: int = 0) -> list[dict]:
     """Images/s of crafting each attack against ``classifier`` at 224 px (the dataset builder's
     and the black-box evaluation's inner loop), on foolbox's photos."""
-    from .attacks import ATTACKS, attack_images, make_attack
-    from .classifiers import load_classifier
-    from .evaluate import load_eval_images
-
     net = load_classifier(classifier)
     data = load_eval_images(max_images=batch)
     images, labels = data.pixel_values, data.labels
@@ -434,8 +425,8 @@ def _device_name(device: torch.device) -> str:
         return "cpu"
 
 
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="benchmark the purifier against timm ViT-B/16")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``impure bench``."""
     parser.add_argument("--presets", nargs="+", default=["impure-vit-b", "impure-vit-tiny"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--memory-batches", nargs="*", type=int, default=[64])
@@ -446,10 +437,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
                         help="inference (speed, FLOP/s, memory), training steps, bf16 agreement, attack throughput")
     parser.add_argument("--training-batch", type=int, default=8)
-    parser.set_defaults(func=_main)
 
 
-def _main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``impure bench``."""
     run_benchmark(args.presets, args.batches, args.memory_batches, args.repeats, args.device, args.compile, args.out,
                   args.sections, args.training_batch)
     return 0

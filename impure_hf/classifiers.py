@@ -20,7 +20,9 @@ from typing import Optional, Sequence, Union
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
 from .configuration_impure import IMAGENET_MEAN, IMAGENET_STD
 
@@ -147,8 +149,6 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"no such weights file: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
@@ -205,8 +205,6 @@ def _timm_classifier(name: str, weights: Optional[PathLike]) -> ImageClassifier:
 
 
 def _transformers_classifier(name_or_path: str) -> ImageClassifier:
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
-
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
@@ -262,10 +260,52 @@ def load_classifier(
     return classifier.eval()
 
 
+
+
+def check_classifier(classifier: nn.Module, image_size: int) -> int:
+    """Run ``classifier`` once on [0, 1] images of the purifier's size; return its number of classes.
+
+    The purifier hands the classifier (N, 3, S, S) images in [0, 1]. A network trained on other
+    inputs is declared once with ``impure_hf.classifiers.ImageClassifier(model, input_size, mean,
+    std, labels)``, which resizes and normalises. Anything that fails on such a batch, or does not
+    return (N, num_classes) finite logits, raises a ValueError saying what to declare.
+    """
+    if not isinstance(classifier, nn.Module):
+        raise TypeError(f"classifier must be a torch.nn.Module taking [0, 1] images, got {type(classifier).__name__}")
+    device = next(classifier.parameters(), torch.empty(0)).device
+    probe = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
+    declared = ""
+    if hasattr(classifier, "input_size"):  # an ImageClassifier: say what was declared
+        mean, std = ([round(v, 4) for v in t.flatten().tolist()] for t in (classifier.mean, classifier.std))
+        declared = f" (declared input_size={classifier.input_size}, mean={mean}, std={std})"
+    hint = (
+        "The purifier gives the classifier RGB images in [0, 1]; declare what the network expects once with "
+        "impure_hf.classifiers.ImageClassifier(model, input_size=..., mean=..., std=..., labels=...), which "
+        "resizes and normalises (a network for grayscale input needs its own RGB-to-gray first layer)."
+    )
+    classifier.eval()  # the probe must not update BatchNorm statistics
+    try:
+        with torch.no_grad():
+            output = classifier(probe)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"the classifier {type(classifier).__name__}{declared} fails on a batch of shape {tuple(probe.shape)} "
+            f"(the purifier's {image_size} px output): {type(err).__name__}: {err}\n{hint}"
+        ) from err
+    logits = getattr(output, "logits", output)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 2 or logits.shape[1] < 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"the classifier{declared} must return (N, num_classes) logits for (N, 3, H, W) images, got {shape}. {hint}")
+    if not torch.isfinite(logits).all():
+        raise ValueError(f"the classifier{declared} returns NaN or inf logits on [0, 1] images. {hint}")
+    return int(logits.shape[1])
+
+
 __all__ = [
     "IMAGENET_LABELS",
     "IMAGENET_SYNSETS",
     "OFFLINE_CLASSIFIERS",
+    "check_classifier",
     "ImageClassifier",
     "load_classifier",
     "predict",

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 
 from .configuration_impure import PRESETS, ImpureConfig
@@ -84,8 +85,6 @@ RELEASE_FUSION_LAYERS = (0, 2, 4, 6, 8)
 # ---------------------------------------------------------------------------------- safe loading
 def _numpy_scalar_globals() -> list:
     """numpy's scalar reconstructor, ``numpy.dtype`` and the numeric/bool dtype classes; no arrays."""
-    import numpy as np
-
     try:
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy < 2
@@ -368,36 +367,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
 
 
-def run(args: argparse.Namespace) -> int:
-    from .hub import HUB_REPO_IDS, save_hub_folder, upload_hub_folder
-
-    model, info = convert_release_checkpoint(
-        args.checkpoint,
-        preset=None if args.config_from_args else args.preset,
-        num_heads=args.num_heads,
-        decoder_num_heads=args.decoder_num_heads,
-        trust_checkpoint=args.trust_checkpoint,
-    )
-    if info["dropped_keys"]:
-        print(f"dropped {len(info['dropped_keys'])} training-only keys ({', '.join(TRAINING_ONLY_PREFIXES)})")
-    repo_id = args.repo_id or args.push_to_hub or HUB_REPO_IDS["impure-vit-b-release"]
-    # the release ships no licence file: say so rather than relabel the authors' weights
-    out = save_hub_folder(model, args.out, repo_id=repo_id, provenance=conversion_summary(info), license="other",
-                          license_name="unspecified", license_link=f"https://github.com/{RELEASE_REPO}")
-    print(f"converted {args.checkpoint} -> {out} (forward check: mean |purified - input| = "
-          f"{info['forward_check_l1']:.4f})")
-    if args.push_to_hub:
-        print(upload_hub_folder(out, args.push_to_hub, private=args.private,
-                                commit_message=f"Convert {info['checkpoint']} from {RELEASE_REPO}"))
-    return 0
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Convert the authors' IMPure checkpoint into a Hub folder")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
 __all__ = [
     "RELEASE_KEY_MAP",
     "RELEASE_MASKS",
@@ -409,5 +378,6 @@ __all__ = [
     "map_release_state_dict",
     "convert_release_checkpoint",
     "check_forward",
-    "main",
+    "conversion_summary",
+    "add_arguments",
 ]

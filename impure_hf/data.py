@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import random
 import shutil
@@ -41,10 +42,26 @@ from dataclasses import dataclass
 from fractions import Fraction
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
+import datasets
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+import torchvision.transforms.functional as TF
+from datasets import ClassLabel, Dataset, Features, Value, load_dataset
+from huggingface_hub import DatasetCard, DatasetCardData
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms.functional import pil_to_tensor
+from tqdm.auto import tqdm
+
+from ._utils import iter_image_files, parse_eps, process_state  # noqa: F401  (iter_image_files: its old home)
+from ._version import __version__
+from .attacks import ATTACK_NORMS, ATTACKS, attack_images, attack_success, check_eps, make_attack, round_to_uint8
+from .classifiers import IMAGENET_SYNSETS, load_classifier, predict
+from .image_processing_impure import ImpureImageProcessor, to_pil_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +106,8 @@ def package_data_dir(package: str) -> Path:
     spec = find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         pip_name = {"skimage": "scikit-image", "sklearn": "scikit-learn"}.get(package, package)
-        raise FileNotFoundError(f"the offline source needs the package {package!r}: pip install {pip_name}")
+        hint = "install.sh installs it: pip install --no-deps foolbox==3.3.4" if package == "foolbox" else f"pip install {pip_name}"
+        raise FileNotFoundError(f"the offline source needs the package {package!r}: {hint}")
     return Path(spec.submodule_search_locations[0]) / _PACKAGE_DATA[package]
 
 
@@ -117,8 +135,6 @@ def random_photo_crops(photos: Sequence[PathLike], n: int, size: int = 32, seed:
     (bicubic); ``seed`` fixes every draw. For quick experiments and tests on real photos; the
     dataset builder draws its own crops per source entry (``_load_pixels``).
     """
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     arrays = [np.asarray(Image.open(path).convert("RGB")) for path in photos]
     crops = []
@@ -182,9 +198,6 @@ def _offline_pools(split: str, size: int, seed: int, extra_train_photos: Sequenc
 
 
 def _imagenet_pools(root: Path, split: str, per_class: int, seed: int) -> list[_Pool]:
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    from .classifiers import IMAGENET_SYNSETS
 
     folder = root / ("train" if split == "train" else "val")
     classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()) if folder.is_dir() else []
@@ -225,11 +238,6 @@ def _plan(settings: dict) -> list[_Shard]:
 # ------------------------------------------------------------------------------- building shards
 def _load_pixels(candidate: _Candidate, image_size: int) -> Optional[torch.Tensor]:
     """(3, S, S) float image on the 8-bit grid, or None if the file cannot be decoded."""
-    import torchvision.transforms.functional as TF
-    from PIL import Image
-    from torchvision.transforms import InterpolationMode, RandomResizedCrop
-
-    from .image_processing_impure import ImpureImageProcessor, to_pil_rgb
 
     try:
         with Image.open(candidate.path) as image:
@@ -252,11 +260,9 @@ def _load_pixels(candidate: _Candidate, image_size: int) -> Optional[torch.Tenso
 
 def adversarial_features(label_names: Sequence[str]):
     """The dataset's ``datasets.Features`` for classifiers with these class names."""
-    from datasets import ClassLabel, Features, Image, Value
-
     return Features(
-        clean=Image(),
-        adversarial=Image(),
+        clean=datasets.Image(),
+        adversarial=datasets.Image(),
         label=ClassLabel(names=list(label_names)),
         attack=Value("string"),
         classifier=Value("string"),
@@ -268,9 +274,6 @@ def adversarial_features(label_names: Sequence[str]):
 def _write_shard(out: Path, shard: _Shard, rows: dict, stats: dict, features) -> None:
     """Write the shard's parquet file (none if it has no rows: datasets rejects empty splits), then
     its statistics, which mark it finished. Both writes are atomic."""
-    import pyarrow.parquet as pq
-    from datasets import Dataset
-
     data_path = out / "data" / f"{shard.name}.parquet"
     if rows["label"]:
         temporary = data_path.with_name(f".{data_path.name}.tmp")  # hidden: datasets ignores it
@@ -289,16 +292,12 @@ class _ShardBuilder:
     """Builds and writes one shard at a time; holds the classifiers and their attacks."""
 
     def __init__(self, settings: dict, classifiers: list, out: Path):
-        from .attacks import make_attack
-
         self.settings, self.classifiers, self.out = settings, classifiers, out
         self.attacks = [[make_attack(name, c, eps=settings["eps"]) for name in settings["attacks"]] for c in classifiers]
         self.features = adversarial_features(settings["label_names"])
 
     def _select(self, pools: Sequence[_Pool], classifier, pixels) -> tuple[list, int]:
         """(source_id, image, label) of each pool's first ``quota`` correctly classified candidates."""
-        from .classifiers import predict
-
         chosen, misclassified = [], 0
         for pool in pools:
             taken, position = 0, 0
@@ -320,9 +319,6 @@ class _ShardBuilder:
         return chosen, misclassified
 
     def __call__(self, shard: _Shard) -> dict:
-        from .attacks import ATTACK_NORMS, ATTACKS, attack_images, attack_success, round_to_uint8
-        from .image_processing_impure import ImpureImageProcessor
-
         settings = self.settings
         cache: dict[str, Optional[torch.Tensor]] = {}  # decoded once, shared by the classifiers
 
@@ -400,33 +396,6 @@ def _prepare_output(out: Path, settings: dict, overwrite: bool) -> None:
     config_path.write_text(json.dumps(settings, indent=1))
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-
-
-def iter_image_files(paths: Iterable) -> list[Path]:
-    """Image files from files and folders (folders searched recursively, sorted)."""
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise FileNotFoundError(f"no image files in folder {path}")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"no such image file or folder: {path}")
-    return files
-
-
-def process_state():
-    """accelerate's process state; on CPUs (gloo) accelerate forms the process group only when told so."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
-
-
 def build_adversarial_dataset(
     output_dir: PathLike,
     classifiers: Union[str, torch.nn.Module, Sequence[Union[str, torch.nn.Module]]] = "efficientnet_lite0",
@@ -476,10 +445,6 @@ def build_adversarial_dataset(
     Returns:
         ``output_dir`` as a Path.
     """
-    from tqdm.auto import tqdm
-
-    from .attacks import ATTACKS, check_eps
-    from .classifiers import load_classifier
 
     state = process_state()
     if num_proc < 1 or (num_proc > 1 and state.num_processes > 1):
@@ -546,8 +511,6 @@ def build_adversarial_dataset(
     if state.is_main_process:
         print(f"{len(pending)} of {len(plan)} shards to build on {workers} process(es)", flush=True)
     if num_proc > 1 and pending:
-        import multiprocessing
-
         threads = max(1, torch.get_num_threads() // num_proc)
         context = multiprocessing.get_context("spawn")  # fork is unsafe once torch threads exist
         with context.Pool(num_proc, _init_worker, (settings, classifiers, out, threads)) as pool:
@@ -585,10 +548,6 @@ def _summarise(out: Path, plan: list[_Shard]) -> dict:
 
 
 def _write_card(out: Path, settings: dict, plan: list[_Shard]) -> None:
-    from huggingface_hub import DatasetCard, DatasetCardData
-
-    from . import __version__
-    from .attacks import ATTACK_NORMS
 
     summary = _summarise(out, plan)
     empty = [split for split, s in summary.items() if not s["rows"]]
@@ -685,8 +644,6 @@ def load_adversarial_dataset(path_or_id: PathLike, split: Optional[str] = None, 
 
     Use ``dataset.with_transform(to_tensors)`` for training tensors.
     """
-    from datasets import load_dataset
-
     path = Path(path_or_id)
     if path.is_dir() and not (path / "README.md").exists():
         if (path / BUILD_DIR / "config.json").exists():
@@ -706,8 +663,6 @@ def to_tensors(batch: dict) -> dict:
     Other columns pass through unchanged; pick the ones a DataLoader should collate with
     ``dataset.with_transform(to_tensors, columns=["clean", "adversarial", "label"])``.
     """
-    from torchvision.transforms.functional import pil_to_tensor
-
     out = dict(batch)
     for column in ("clean", "adversarial"):
         if column in batch:
@@ -716,15 +671,8 @@ def to_tensors(batch: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------- CLI
-def parse_eps(text: str) -> float:
-    """``"16/255"`` or ``"0.0627"`` -> float (argparse type)."""
-    try:
-        return float(Fraction(text))
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"eps must be a number or a fraction like 16/255, got {text!r}") from None
-
-
-def _make_dataset(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``impure make-dataset``."""
     attacks = None if args.attacks == ["all"] else args.attacks
     out = build_adversarial_dataset(
         args.output_dir,
@@ -750,14 +698,8 @@ def _make_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers) -> None:
-    """Register ``impure make-dataset``."""
-    parser = subparsers.add_parser(
-        "make-dataset",
-        help="build an adversarial (clean, adversarial) image-pair dataset",
-        description="Attack images with the paper's attacks and save the pairs as a Hugging Face dataset folder "
-        "(resumable; scale out with --num-proc or `accelerate launch -m impure_hf.cli make-dataset ...`).",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``impure make-dataset``."""
     parser.add_argument("output_dir", help="dataset folder to write (rerun the same command to resume)")
     parser.add_argument("--source", default="offline", help="'offline' (packaged photos) or an ImageNet folder with train/ and val/ in ImageFolder layout")
     parser.add_argument("--extra-train-photos", nargs="+", default=[], metavar="PATH", help="offline source: more photo files or folders for the train split's random crops (e.g. /usr/share/backgrounds/mate/nature)")
@@ -775,7 +717,6 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--num-proc", type=int, default=1, help="worker processes on this machine")
     parser.add_argument("--device", default=None, help="device of the classifiers (default: cpu, or accelerate's)")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing build in output_dir first")
-    parser.set_defaults(func=_make_dataset)
 
 
 __all__ = [
@@ -783,7 +724,7 @@ __all__ = [
     "OFFLINE_PHOTOS",
     "SPLITS",
     "adversarial_features",
-    "add_parser",
+    "add_arguments",
     "build_adversarial_dataset",
     "foolbox_imagenet_samples",
     "load_adversarial_dataset",
@@ -791,5 +732,6 @@ __all__ = [
     "package_file",
     "parse_eps",
     "random_photo_crops",
+    "run",
     "to_tensors",
 ]

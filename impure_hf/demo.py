@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .evaluate import evaluate, render_markdown
+from .loading import load_purifier
+
 FAST_ATTACKS = ("fgsm", "pgd", "mifgsm")
 ALL_ATTACKS = ("fgsm", "cw", "deepfool", "pgd", "mifgsm", "difgsm", "mdfgsm", "apgd-ce", "apgd-dlr")
 SIMPLE_BASELINES = ("jpeg", "bitdepth", "median", "resize-pad", "tv")
@@ -30,9 +33,6 @@ def run_demo(
     device: Optional[str] = None,
 ) -> dict:
     """Run the demo; returns the evaluation results (also written to ``out_dir``)."""
-    from .evaluate import evaluate, render_markdown
-    from .hub import load_purifier
-
     purifier = load_purifier(model, device=device)
     baselines = [*SIMPLE_BASELINES, f"harmonic:patch_size={purifier.config.patch_size}"]
     start = time.perf_counter()
@@ -54,10 +54,8 @@ def run_demo(
     return results
 
 
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "demo", help="attack real photos, purify them, and compare with simple baselines (offline)"
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``impure demo``."""
     parser.add_argument("--model", default=None, help="purifier: preset, folder or Hub id (default: the embedded model)")
     parser.add_argument("--classifier", default="efficientnet_lite0")
     parser.add_argument("--attack", dest="attacks", action="append", choices=ALL_ATTACKS, help=f"attack (repeatable; default: {' '.join(FAST_ATTACKS)})")
@@ -67,10 +65,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="purifications per stochastic defence (mean and std)")
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--device", default=None)
-    parser.set_defaults(func=_main)
 
 
-def _main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``impure demo``."""
     attacks = ALL_ATTACKS if args.all_attacks else (args.attacks or FAST_ATTACKS)
     run_demo(args.model, args.classifier, attacks, args.out, args.seed, args.repeats, args.max_images, args.device)
     return 0

@@ -39,9 +39,22 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
+from accelerate.utils import broadcast_object_list, gather_object
+from matplotlib.figure import Figure
+from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
-from .data import process_state
+from ._utils import iter_image_files, parse_eps, process_state
+from ._version import __version__
+from .attacks import ATTACK_NORMS, ATTACKS, attack_images, check_eps, make_attack, round_to_uint8, torchattacks
+from .baselines import DEFAULT_BASELINES, build_baseline
+from .classifiers import load_classifier
+from .data import BUILD_DIR, foolbox_imagenet_samples, load_adversarial_dataset
+from .defended import PurifiedClassifier, amplified_perturbation, is_stochastic, purified_pixel_values  # noqa: F401
+from .image_processing_impure import ImpureImageProcessor
+from .loading import DEFAULT_MODEL, load_purifier
 
 THREAT_MODELS: dict[str, str] = {
     "black-box": "black-box: attack crafted on the classifier alone, then purified",
@@ -52,92 +65,6 @@ THREAT_MODELS: dict[str, str] = {
 ADAPTIVE_ATTACKS = ("pgd-eot", "autoattack-rand")
 CLEAN = "clean"
 NO_DEFENCE = "none"
-
-
-# ---------------------------------------------------------------------------------- the defended model
-def amplified_perturbation(clean: torch.Tensor, adversarial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, 3, H, W) perturbations, each scaled around grey 0.5 until its largest entry reaches 0 or 1
-    (as the panels and the demo page show them), and the (N,) factors they were scaled by."""
-    delta = adversarial - clean
-    factor = 0.5 / delta.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
-    return (0.5 + factor * delta).clamp(0, 1), factor.flatten()
-
-
-def purified_pixel_values(
-    purifier: nn.Module, pixel_values: torch.Tensor, generator: Optional[torch.Generator] = None
-) -> torch.Tensor:
-    """Run any purifier (``ImpureModel`` or a baseline) with gradients; [0, 1] images out."""
-    output = purifier(pixel_values, generator=generator)
-    return getattr(output, "purified_pixel_values", output)
-
-
-def is_stochastic(purifier: nn.Module) -> bool:
-    """Whether two calls on the same input can differ (so EOT and repeated evaluation matter)."""
-    config = getattr(purifier, "config", None)
-    if config is not None and hasattr(config, "uses_noise"):
-        # IMPure draws fresh noise at evaluation too; in training mode also the division and window
-        return bool(config.uses_noise or purifier.training)
-    return bool(getattr(purifier, "stochastic", False))
-
-
-class PurifiedClassifier(nn.Module):
-    """A classifier behind a purifier: [0, 1] images in, logits out, differentiable end to end.
-
-    Args:
-        purifier: an ``ImpureModel`` or a baseline purifier (``impure_hf.baselines``).
-        classifier: any module taking [0, 1] images and returning logits
-            (e.g. ``impure_hf.classifiers.ImageClassifier``).
-        num_samples: average the logits over this many purifications (K); only a stochastic
-            purifier is run more than once.
-        generator: default source of the purifier's randomness when ``forward`` gets none (an
-            attack calls ``model(x)``; a seeded generator makes its run reproducible).
-
-    Example:
-
-    ```python
-    >>> import torch
-    >>> from impure_hf import ImpureModel, PurifiedClassifier
-    >>> from impure_hf.classifiers import load_classifier
-    >>> purifier = ImpureModel.from_preset("impure-vit-tiny").eval()
-    >>> defended = PurifiedClassifier(purifier, load_classifier("efficientnet_lite0"), num_samples=4)
-    >>> defended(torch.rand(1, 3, 224, 224)).shape
-    torch.Size([1, 1000])
-    ```
-    """
-
-    def __init__(
-        self,
-        purifier: nn.Module,
-        classifier: nn.Module,
-        num_samples: int = 1,
-        generator: Optional[torch.Generator] = None,
-    ):
-        super().__init__()
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        self.purifier = purifier
-        self.classifier = classifier
-        self.num_samples = num_samples
-        self.generator = generator
-        # mirror the wrapped modules' mode without changing it: torchattacks puts a model back
-        # into training mode after an attack if it was in training mode before
-        self.training = purifier.training and classifier.training
-
-    @property
-    def stochastic(self) -> bool:
-        return is_stochastic(self.purifier)
-
-    @property
-    def labels(self) -> Optional[list[str]]:
-        return getattr(self.classifier, "labels", None)
-
-    def forward(self, pixel_values: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        generator = generator if generator is not None else self.generator
-        samples = self.num_samples if self.stochastic else 1
-        logits = self.classifier(purified_pixel_values(self.purifier, pixel_values, generator))
-        for _ in range(samples - 1):
-            logits = logits + self.classifier(purified_pixel_values(self.purifier, pixel_values, generator))
-        return logits / samples
 
 
 # ---------------------------------------------------------------------------------- images
@@ -159,8 +86,6 @@ def _label_from_name(path: Path) -> Optional[int]:
 
 def _is_dataset(data: str) -> bool:
     """A built adversarial dataset (folder from ``impure make-dataset``) or a Hub dataset id."""
-    from .data import BUILD_DIR
-
     path = Path(data)
     if not path.exists():
         return True
@@ -183,22 +108,15 @@ def load_eval_images(
 
     Images are resized (shortest edge) and centre-cropped to ``image_size``.
     """
-    from PIL import Image
-
-    from .image_processing_impure import ImpureImageProcessor
 
     if data is not None and _is_dataset(str(data)):
         images, labels, ids = _dataset_images(str(data), split, max_images)
         source = f"{data} [{split}]"
     else:
         if data is None:
-            from .data import foolbox_imagenet_samples
-
             files = [path for path, _ in foolbox_imagenet_samples()]
             source = "foolbox's ImageNet photos"
         else:
-            from .data import iter_image_files
-
             files, source = iter_image_files([data]), str(data)
         files = files[:max_images] if max_images else files
         images = [Image.open(path) for path in files]
@@ -213,8 +131,6 @@ def load_eval_images(
 
 
 def _dataset_images(data: str, split: str, max_images: Optional[int]):
-    from .data import load_adversarial_dataset
-
     dataset = load_adversarial_dataset(data, split=split)
     first: dict = {}
     for row, source in enumerate(dataset["source_id"]):  # each clean image appears once per attack
@@ -226,8 +142,6 @@ def _dataset_images(data: str, split: str, max_images: Optional[int]):
 
 # ---------------------------------------------------------------------------------- attacks
 def _paper_attack(name: str, model: nn.Module, eps: float, steps: Optional[int], **params):
-    from .attacks import make_attack
-
     attack = make_attack(name, model, eps=eps, **params)
     if steps is not None and hasattr(attack, "steps"):  # one-step attacks (FGSM) keep theirs
         attack = make_attack(name, model, eps=eps, steps=steps, **params)
@@ -244,8 +158,6 @@ def make_adaptive_attack(name: str, model: nn.Module, eps: float, eot_samples: i
     that attack on ``model`` as given (wrap it with ``PurifiedClassifier(num_samples=E)`` for EOT on
     averaged logits).
     """
-    import torchattacks
-
     if name == "pgd-eot":
         pgd = _paper_attack("pgd", model, eps, steps)
         return torchattacks.EOTPGD(
@@ -259,8 +171,6 @@ def make_adaptive_attack(name: str, model: nn.Module, eps: float, eot_samples: i
 
 def _attack_settings(name: str, attack, eot_samples: int) -> dict:
     """Threat-model labels of an attack: norm, eps, steps, EOT samples."""
-    from .attacks import ATTACK_NORMS
-
     parts = getattr(attack, "attacks", [attack])
     norm = ATTACK_NORMS.get(name, "Linf" if name in ADAPTIVE_ATTACKS else None)
     eps = getattr(parts[0], "eps", None) if norm == "Linf" else None
@@ -415,13 +325,9 @@ class _Evaluation:
         return batches[self.state.process_index :: self.state.num_processes]
 
     def _gather(self, local: list) -> list:
-        from accelerate.utils import gather_object
-
         return sorted(gather_object(local), key=lambda item: item[0])
 
     def _bar(self, iterable, **kwargs):
-        from tqdm.auto import tqdm
-
         return tqdm(iterable, disable=not (self.progress and self.is_main), **kwargs)
 
     # -------------------------------------------------------------- cache
@@ -449,8 +355,6 @@ class _Evaluation:
 
     def _cached(self, cells: list[_Cell]) -> list[Optional[dict]]:
         """Cached results of ``cells`` (None where missing), decided on the main process for all."""
-        from accelerate.utils import broadcast_object_list
-
         found = [None] * len(cells)
         if self.out_dir is not None and self.is_main:
             for i, cell in enumerate(cells):
@@ -506,8 +410,6 @@ class _Evaluation:
         return [_seed(self.seed, *parts, "purify", r) for r in range(self.repeats if defence.stochastic else 1)]
 
     def _round(self, adversarial: torch.Tensor, clean: torch.Tensor, norm: Optional[str]) -> torch.Tensor:
-        from .attacks import round_to_uint8
-
         if not self.round_adversarial:
             return adversarial
         # L_inf attacks stay inside their budget after rounding
@@ -602,9 +504,6 @@ class _Evaluation:
         Returns the images, which of them the bare classifier gets right before rounding (None for
         clean images) and the attack's settings.
         """
-        from safetensors.torch import load_file, save_file
-
-        from .attacks import attack_images
 
         if attack == CLEAN:
             return images, None, {"norm": None, "eps": None, "eps_255": None, "steps": 0, "eot_samples": None}
@@ -631,8 +530,6 @@ class _Evaluation:
 
         Returns what ``_black_box`` returns; the unrounded result only for the bare classifier.
         """
-        from .attacks import attack_images
-
         eot = self.eot_samples if defence.stochastic else 1
         # common random numbers: the attack's own draws do not depend on the defence
         generator = _generator(self.device, _seed(self.seed, classifier.name, attack, batch, "eot"))
@@ -669,8 +566,6 @@ class _Evaluation:
         mean = sum(accuracies) / repeats
         std = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / (repeats - 1)) if repeats > 1 else 0.0
         # every process holds the settings of the batches it crafted; all are the same per cell
-        from accelerate.utils import gather_object
-
         shared = [s for s in gather_object([settings.get(cell.defence.label)]) if s is not None][0]
         record = {
             "classifier": classifier,
@@ -702,8 +597,6 @@ class _Evaluation:
 # ---------------------------------------------------------------------------------- public API
 def _check_settings(attacks, adaptive_attacks, threat_models, eps, steps, **counts) -> float:
     """Fail before any loading on names or numbers that cannot work; returns eps as a float."""
-    from .attacks import ATTACKS, check_eps
-
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise ValueError(f"unknown attack(s) {unknown}; choose from {list(ATTACKS)}")
@@ -781,12 +674,7 @@ def evaluate(
         model, attack, norm, eps, steps, EOT samples, defence, number of images, rounding, seed)
         and the accuracy per repeat, their mean and std, and which images were correct.
     """
-    from .baselines import DEFAULT_BASELINES, build_baseline
-    from .classifiers import load_classifier
-
     if attacks is None:
-        from .attacks import ATTACKS
-
         attacks = list(ATTACKS)
     baselines = DEFAULT_BASELINES if baselines is None else baselines
     eps = _check_settings(
@@ -807,8 +695,6 @@ def evaluate(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # untrained presets get the same weights in every process
         if isinstance(purifier, str):
-            from .hub import load_purifier
-
             purifier = load_purifier(purifier)
     classifier_modules = [load_classifier(c) if isinstance(c, str) else c for c in classifiers]
     baseline_modules = [build_baseline(b) if isinstance(b, str) else b for b in baselines]
@@ -870,9 +756,6 @@ def evaluate(
 
 
 def _versions() -> dict:
-    import torchattacks
-
-    from . import __version__
 
     return {
         "impure_hf": __version__,
@@ -1020,15 +903,10 @@ def write_reports(results: dict, out_dir: Union[str, Path]) -> dict[str, Path]:
 
 
 def _bar_chart(results: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tables = _tables(results)
-    fig, axes = plt.subplots(
-        len(tables), 1, figsize=(max(8, 1.3 * max(len(t[2]) for t in tables) * 1.5), 4 * len(tables)), squeeze=False
-    )
+    # no pyplot: files only, the user's backend untouched
+    fig = Figure(figsize=(max(8, 1.3 * max(len(t[2]) for t in tables) * 1.5), 4 * len(tables)))
+    axes = fig.subplots(len(tables), 1, squeeze=False)
     for ax, (classifier, threat_model, columns, defences, lookup) in zip(axes[:, 0], tables):
         width = 0.8 / len(defences)
         for d, defence in enumerate(defences):
@@ -1050,17 +928,11 @@ def _bar_chart(results: dict, path: Path) -> Path:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def _write_panels(run: _Evaluation, out_dir: Path, count: int) -> None:
     """clean | adversarial | amplified perturbation | purified, for the first black-box images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if "black-box" not in run.threat_models or not run.attacks:
         return
     classifier = run.classifiers[0]
@@ -1080,7 +952,8 @@ def _write_panels(run: _Evaluation, out_dir: Path, count: int) -> None:
             )
             predictions = [classifier(x).argmax(dim=-1).tolist() for x in (clean, adversarial, purified)]
         amplified, _ = amplified_perturbation(clean, adversarial)
-        fig, axes = plt.subplots(len(clean), 4, figsize=(12, 3.2 * len(clean)), squeeze=False)
+        fig = Figure(figsize=(12, 3.2 * len(clean)))
+        axes = fig.subplots(len(clean), 4, squeeze=False)
         for row in range(len(clean)):
             columns = (
                 (clean, f"clean: {names[predictions[0][row]][:28]}"),
@@ -1094,13 +967,11 @@ def _write_panels(run: _Evaluation, out_dir: Path, count: int) -> None:
                 ax.axis("off")
         fig.tight_layout()
         fig.savefig(out_dir / "panels" / f"{_slug(classifier.name)}_{_slug(attack)}.png", dpi=72)
-        plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------- CLI
-def _run_cli(args) -> int:
-    from . import DEFAULT_MODEL
-
+def run(args) -> int:
+    """``impure evaluate``."""
     purifier = None if args.no_purifier else args.purifier or DEFAULT_MODEL
     if purifier == DEFAULT_MODEL and not (Path(DEFAULT_MODEL) / "config.json").exists():
         print(
@@ -1147,16 +1018,8 @@ def _evaluate_from_args(args, purifier: Optional[str]) -> dict:
     )
 
 
-def add_parser(subparsers) -> None:
-    """Register ``impure evaluate``."""
-    from .baselines import DEFAULT_BASELINES
-    from .data import parse_eps
-
-    parser = subparsers.add_parser(
-        "evaluate",
-        help="accuracy tables: no defence, baselines and IMPure under black-box and white-box attacks",
-        description=__doc__.split("\n\n")[0],
-    )
+def add_arguments(parser) -> None:
+    """Arguments of ``impure evaluate``."""
     parser.add_argument(
         "--purifier", default=None, help="preset name, saved folder or Hub id (default: the embedded model)"
     )
@@ -1198,7 +1061,6 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output folder (reports and the resumable cache)")
     parser.add_argument("--panels", type=int, default=3, help="images per side-by-side panel (0: none)")
     parser.add_argument("--device", default=None, help="default: the process's accelerate device")
-    parser.set_defaults(func=_run_cli)
 
 
 __all__ = [

@@ -33,10 +33,35 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
+import timm
 import torch
+import yaml
+from datasets import Dataset, DatasetDict
+from PIL import Image
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import ImageClassifierOutput
+from tqdm.auto import tqdm
+
+from ._utils import iter_image_files, parse_eps
+from .attacks import ATTACK_NORMS, ATTACKS, attack_images, attack_success, check_eps, make_attack, round_to_uint8
+from .classifiers import (
+    IMAGENET_LABELS,
+    IMAGENET_SYNSETS,
+    ImageClassifier,
+    check_classifier,
+    load_classifier,
+    predict,
+    read_state_dict,
+)
+from .data import COLUMNS, adversarial_features, build_adversarial_dataset, load_adversarial_dataset
+from .defended import (  # noqa: F401  (their old home was here)
+    PurifiedImageClassification,
+    PurifiedImageClassificationConfig,
+    purified_pipeline,
+)
+from .image_processing_impure import ImpureImageProcessor
+from .loading import load_purifier
+from .train import FINETUNE_DEFAULTS, TrainingConfig, finetune, validation_metrics
+from .train import add_arguments as add_training_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +74,6 @@ SUMMARY_FILE = "finetune_summary.json"
 def as_image_classifier(classifier: nn.Module, image_size: int) -> nn.Module:
     """``classifier`` itself if it is an ``ImageClassifier``; a plain module taking [0, 1] images
     is wrapped with identity normalisation at ``image_size`` (the builders need its label names)."""
-    from .classifiers import ImageClassifier
-
     if isinstance(classifier, ImageClassifier):
         return classifier
     return ImageClassifier(classifier, image_size, mean=(0.0,) * 3, std=(1.0,) * 3, name=type(classifier).__name__)
@@ -90,14 +113,6 @@ def adversarial_pairs(
         seed: seeds the attacks' random draws (per attack and batch).
         batch_size: images per attack call.
     """
-    from datasets import Dataset
-    from tqdm.auto import tqdm
-
-    from .attacks import ATTACK_NORMS, ATTACKS, attack_images, attack_success, check_eps, make_attack, round_to_uint8
-    from .classifiers import predict
-    from .data import COLUMNS, adversarial_features
-    from .image_processing_impure import ImpureImageProcessor
-    from .train import check_classifier
 
     eps = check_eps(eps)
     attacks = [a.lower() for a in (attacks or ATTACKS)]
@@ -176,8 +191,6 @@ def class_indices(folder_names: Sequence[str], names: Optional[Sequence[str]], n
         if len(folder_names) > num_classes:
             raise ValueError(f"{len(folder_names)} class folders for a classifier with {num_classes} classes")
         return {name: i for i, name in enumerate(sorted(folder_names))}
-    from .classifiers import IMAGENET_LABELS, IMAGENET_SYNSETS
-
     def key(text: str) -> str:
         return text.lower().replace("_", " ").strip()
 
@@ -202,9 +215,6 @@ def class_indices(folder_names: Sequence[str], names: Optional[Sequence[str]], n
 
 def _read_images(files: Sequence[Path], image_size: int) -> tuple[list[torch.Tensor], list[int]]:
     """Decoded (3, S, S) images (shortest edge resized to S, centre crop) and the positions read."""
-    from PIL import Image
-
-    from .image_processing_impure import ImpureImageProcessor
 
     processor = ImpureImageProcessor(crop_size=image_size, resize_shortest_edge=image_size)
     images, kept = [], []
@@ -237,16 +247,12 @@ def load_image_folder(
     classifier's clean predictions serve as labels). ``train_size`` / ``validation_size`` keep
     the first images of each class (of the whole split when unlabelled) in a seeded order.
     """
-    from .data import iter_image_files
-
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     if not 0 <= validation_fraction < 1:
         raise ValueError(f"validation_fraction must lie in [0, 1), got {validation_fraction}")
     if num_classes is None:
-        from .train import check_classifier
-
         num_classes = check_classifier(classifier, image_size)
     names = getattr(classifier, "labels", None)
     validation = next((root / n for n in ("val", "validation") if (root / n).is_dir()), None)
@@ -340,10 +346,6 @@ def build_finetuning_dataset(
         validation_fraction: image folder without ``val/``: share of each class held out.
         correct_only: attack only correctly classified images (the offline builder always does).
     """
-    from datasets import DatasetDict
-
-    from .data import build_adversarial_dataset, load_adversarial_dataset
-    from .train import check_classifier
 
     classifier = as_image_classifier(classifier, image_size)
     num_classes = check_classifier(classifier, image_size)
@@ -388,146 +390,6 @@ def build_finetuning_dataset(
     return pairs
 
 
-# ---------------------------------------------------------------------------------- transformers
-class PurifiedImageClassificationConfig(PretrainedConfig):
-    """Configuration of [`PurifiedImageClassification`]: the class names (``id2label``), the
-    purifier's image size and the number of purifications averaged per prediction."""
-
-    model_type = "impure-purified-image-classification"
-
-    def __init__(self, image_size: int = 224, num_samples: int = 1, **kwargs):
-        self.image_size = image_size
-        self.num_samples = num_samples
-        super().__init__(**kwargs)
-
-    @classmethod
-    def for_modules(cls, purifier: nn.Module, classifier: nn.Module, num_samples: int = 1) -> "PurifiedImageClassificationConfig":
-        """Image size from the purifier; class names from ``classifier.labels`` (else ``LABEL_<i>``)."""
-        from .train import check_classifier
-
-        image_size = purifier.config.image_size
-        num_classes = check_classifier(classifier, image_size)
-        labels = getattr(classifier, "labels", None)
-        id2label = dict(enumerate(labels)) if labels is not None else None
-        return cls(image_size=image_size, num_samples=num_samples, num_labels=num_classes, id2label=id2label)
-
-
-class PurifiedImageClassification(PreTrainedModel):
-    """A purifier in front of a classifier as a transformers image-classification model.
-
-    ``forward(pixel_values)`` takes [0, 1] images (``ImpureImageProcessor`` output) and returns
-    an ``ImageClassifierOutput`` (logits, and the cross-entropy loss when ``labels`` are given),
-    so it runs in ``transformers.pipeline("image-classification", model=..., image_processor=...)``
-    (see [`purified_pipeline`]), in ``Trainer.evaluate`` and in code written for
-    ``AutoModelForImageClassification`` outputs. It wraps live modules: save the purifier with
-    ``save_pretrained`` and your classifier its own way, and rebuild this wrapper from them.
-
-    Args:
-        config: a [`PurifiedImageClassificationConfig`]; default: built from the modules
-            (class names from ``classifier.labels``, else ``LABEL_<i>``).
-        purifier: an ``ImpureModel`` (or a baseline purifier).
-        classifier: module taking [0, 1] images and returning logits (e.g. ``ImageClassifier``).
-        generator: default source of the purifier's noise (fixed generator: reproducible output).
-
-    Example:
-
-    ```python
-    >>> wrapped = PurifiedImageClassification(purifier=purifier, classifier=classifier)
-    >>> wrapped(pixel_values).logits.argmax(-1)
-    ```
-    """
-
-    config_class = PurifiedImageClassificationConfig
-    main_input_name = "pixel_values"
-
-    def __init__(
-        self,
-        config: Optional[PurifiedImageClassificationConfig] = None,
-        purifier: Optional[nn.Module] = None,
-        classifier: Optional[nn.Module] = None,
-        generator: Optional[torch.Generator] = None,
-    ):
-        if purifier is None or classifier is None:
-            raise ValueError("PurifiedImageClassification wraps live modules: pass purifier= and classifier=")
-        from .evaluate import PurifiedClassifier
-        from .train import check_classifier
-
-        if config is None:
-            config = PurifiedImageClassificationConfig.for_modules(purifier, classifier)
-        elif config.num_labels != (num_classes := check_classifier(classifier, config.image_size)):
-            raise ValueError(f"config.num_labels is {config.num_labels} but the classifier has {num_classes} classes")
-        super().__init__(config)
-        self.defended = PurifiedClassifier(purifier, classifier, num_samples=config.num_samples, generator=generator)
-        self.post_init()
-        self.training = self.defended.training  # as the wrapped modules are; their modes are left alone
-
-    def _init_weights(self, module: nn.Module) -> None:
-        pass  # the wrapped modules arrive trained: nothing to initialise
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        labels: Optional[torch.Tensor] = None,
-        generator: Optional[torch.Generator] = None,
-        return_dict: Optional[bool] = None,
-    ) -> Union[ImageClassifierOutput, tuple]:
-        logits = self.defended(pixel_values, generator=generator)
-        loss = nn.functional.cross_entropy(logits, labels.to(logits.device)) if labels is not None else None
-        if return_dict is False:
-            return (loss, logits) if loss is not None else (logits,)
-        return ImageClassifierOutput(loss=loss, logits=logits)
-
-
-class _DropUnsupportedModelMessage(logging.Filter):
-    """The pipeline logs an error for any model class outside transformers' built-in list, though
-    it runs every model whose output has ``logits`` and whose config has ``id2label``."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return f"'{PurifiedImageClassification.__name__}' is not supported" not in record.getMessage()
-
-
-def purified_pipeline(
-    purifier: nn.Module,
-    classifier: nn.Module,
-    num_samples: int = 1,
-    generator: Optional[torch.Generator] = None,
-    image_processor=None,
-    **pipeline_kwargs,
-):
-    """``transformers.pipeline("image-classification")`` that purifies before classifying.
-
-    Args:
-        purifier: an ``ImpureModel``.
-        classifier: module taking [0, 1] images (e.g. ``ImageClassifier``) with ``labels``.
-        num_samples: purifications averaged per prediction.
-        generator: source of the purifier's noise (reproducible scores).
-        image_processor: default ``ImpureImageProcessor`` at the purifier's size.
-        **pipeline_kwargs: ``device``, ``top_k``, ... for ``transformers.pipeline``.
-
-    The same without this function (the pipeline then also logs that the class is not one of
-    its built-in models, harmlessly)::
-
-        model = PurifiedImageClassification(purifier=purifier, classifier=classifier)
-        pipe = pipeline("image-classification", model=model, image_processor=ImpureImageProcessor(crop_size=size))
-    """
-    from transformers import pipeline
-
-    from .image_processing_impure import ImpureImageProcessor
-
-    config = PurifiedImageClassificationConfig.for_modules(purifier, classifier, num_samples)
-    model = PurifiedImageClassification(config, purifier=purifier, classifier=classifier, generator=generator)
-    if image_processor is None:
-        size = purifier.config.image_size
-        image_processor = ImpureImageProcessor(crop_size=size, resize_shortest_edge=size)
-    base_logger = logging.getLogger("transformers.pipelines.base")
-    quiet = _DropUnsupportedModelMessage()
-    base_logger.addFilter(quiet)
-    try:
-        return pipeline("image-classification", model=model, image_processor=image_processor, **pipeline_kwargs)
-    finally:
-        base_logger.removeFilter(quiet)
-
-
 # ---------------------------------------------------------------------------------- command line
 def parse_labels(text: Optional[str]) -> Optional[list[str]]:
     """``--labels``: a text file (one name a line) or names separated by commas."""
@@ -554,9 +416,6 @@ def load_custom_classifier(
     ``weights``. ``input_size`` / ``mean`` / ``std`` declare what the network expects when its
     defaults are not it; ``labels`` names the classes.
     """
-    import timm
-
-    from .classifiers import ImageClassifier, load_classifier, read_state_dict
 
     labels = list(labels) if labels is not None else None
     if labels is not None and len(set(labels)) != len(labels):
@@ -597,13 +456,9 @@ def _is_pair_dataset(data: str) -> bool:
 
 def _options(args: argparse.Namespace) -> dict:
     """Training options: the ``--config`` YAML file, then the flags given."""
-    from .train import TrainingConfig
-
     names = {f for f in TrainingConfig.__dataclass_fields__}
     values = {}
     if getattr(args, "config", None):
-        import yaml
-
         values = yaml.safe_load(Path(args.config).read_text()) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{args.config} must hold a mapping of training options")
@@ -613,9 +468,6 @@ def _options(args: argparse.Namespace) -> dict:
 
 def _prepare(args: argparse.Namespace):
     """Options, purifier, classifier and pairs of ``impure finetune``; bad input raises here."""
-    from .hub import load_purifier
-    from .train import FINETUNE_DEFAULTS, TrainingConfig, check_classifier
-
     options = _options(args)
     purifier_name, classifier_name = options.pop("model", None), options.pop("classifier", None)
     data = str(args.data or options.pop("dataset", None) or "offline")
@@ -629,8 +481,6 @@ def _prepare(args: argparse.Namespace):
     )
     check_classifier(classifier, size)
     if _is_pair_dataset(data):
-        from .data import load_adversarial_dataset
-
         pairs = load_adversarial_dataset(data)
     else:
         pairs = build_finetuning_dataset(
@@ -642,9 +492,8 @@ def _prepare(args: argparse.Namespace):
     return options, config, purifier, classifier, pairs, summary
 
 
-def _run(args: argparse.Namespace) -> int:
-    from .train import finetune, validation_metrics
-
+def run(args: argparse.Namespace) -> int:
+    """``impure finetune``."""
     try:
         options, config, purifier, classifier, pairs, summary = _prepare(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
@@ -667,20 +516,10 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers) -> None:
-    """Register ``impure finetune``."""
-    from .data import parse_eps
-    from .train import FINETUNE_DEFAULTS, _add_arguments
-
-    parser = subparsers.add_parser(
-        "finetune",
-        help="fine-tune a purifier for your classifier (any label set)",
-        description="Fine-tune an IMPure purifier for a target classifier: build adversarial pairs for it (unless "
-        "--data holds them) and train with the perceptual loss on its own layers. Takes every `impure train` "
-        f"option; fine-tuning defaults: {FINETUNE_DEFAULTS}.",
-        conflict_handler="resolve",  # the options below replace `impure train`'s --model / --classifier / --dataset
-    )
-    _add_arguments(parser)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``impure finetune``: every ``impure train`` option, with --model / --classifier /
+    --dataset replaced (the parser needs ``conflict_handler="resolve"``)."""
+    add_training_arguments(parser)
     parser.add_argument("--from", "--model", dest="model", default=argparse.SUPPRESS,
                         help="purifier to start from: preset name, saved folder or Hub id (default: the embedded model)")
     parser.add_argument("--classifier", default=argparse.SUPPRESS,
@@ -701,11 +540,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--validation-size", type=int, default=None, help="offline: photo crops (16); image folder: images per class (all)")
     parser.add_argument("--validation-fraction", type=float, default=0.2, help="image folder without val/: share of each class held out")
     parser.add_argument("--pair-batch-size", type=int, default=16, help="images per attack call while building pairs")
-    parser.set_defaults(func=_run)
 
 
 __all__ = [
     "FolderImages",
+    "add_arguments",
     "PurifiedImageClassification",
     "PurifiedImageClassificationConfig",
     "adversarial_pairs",
@@ -717,4 +556,5 @@ __all__ = [
     "load_image_folder",
     "parse_labels",
     "purified_pipeline",
+    "run",
 ]

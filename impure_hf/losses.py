@@ -20,6 +20,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from .configuration_impure import IMAGENET_MEAN, IMAGENET_STD
@@ -101,8 +102,6 @@ class PerceptualLoss(nn.Module):
                 e.g. offline tests).
             layers: ``{layer: weight}`` replacing the paper's layers.
         """
-        import torchvision
-
         extractor = _torchvision_model(torchvision.models.vgg19, weights)
         layers = layers or VGG19_PAPER_LAYERS
         return cls(extractor, list(layers), list(layers.values()), IMAGENET_MEAN, IMAGENET_STD)
@@ -111,8 +110,6 @@ class PerceptualLoss(nn.Module):
     def vgg19_bn_release(cls, weights: Optional[str] = "DEFAULT", layers: Optional[Mapping[str, float]] = None) -> "PerceptualLoss":
         """The authors' release: torchvision VGG19-BN, features.38 (30), features.51 (10),
         classifier.1 (10). Arguments as [`~PerceptualLoss.vgg19`]."""
-        import torchvision
-
         extractor = _torchvision_model(torchvision.models.vgg19_bn, weights)
         layers = layers or VGG19_BN_RELEASE_LAYERS
         return cls(extractor, list(layers), list(layers.values()), IMAGENET_MEAN, IMAGENET_STD)

@@ -28,9 +28,21 @@ from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import torch
+import yaml
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState
+from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
+from matplotlib.figure import Figure
+from safetensors.torch import load_file, save_file
+from timm.optim import param_groups_weight_decay
 from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
+from .classifiers import check_classifier, load_classifier
+from .data import load_adversarial_dataset
 from .image_processing_impure import ImpureImageProcessor
+from .loading import load_purifier
 from .losses import PerceptualLoss, PurificationLoss, RandomCombination
 from .modeling_impure import ImpureModel
 
@@ -139,8 +151,6 @@ class TrainingConfig:
     @classmethod
     def from_yaml(cls, path: Union[str, Path], **overrides) -> "TrainingConfig":
         """Options from a YAML mapping (keys as the field names), then ``overrides`` on top."""
-        import yaml
-
         values = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a mapping of training options, got {type(values).__name__}")
@@ -237,8 +247,6 @@ def _resolve_datasets(config: TrainingConfig, train_dataset, eval_dataset):
     if train_dataset is None:
         if config.dataset is None:
             raise ValueError("no training data: pass train_dataset= or set dataset (a folder or Hub id)")
-        from .data import load_adversarial_dataset
-
         train_dataset = load_adversarial_dataset(config.dataset, streaming=config.streaming)
     if isinstance(train_dataset, dict):  # DatasetDict / IterableDatasetDict
         splits = train_dataset
@@ -261,8 +269,6 @@ def encoder_parameters(model: ImpureModel) -> list[tuple[str, nn.Parameter]]:
 
 def _build_model(config: TrainingConfig, model: Optional[ImpureModel]) -> ImpureModel:
     if model is None:
-        from .hub import load_purifier
-
         model = load_purifier(config.model, **config.model_overrides)
     if config.freeze_encoder:
         for _, parameter in encoder_parameters(model):
@@ -293,8 +299,6 @@ def _trackers(report_to: str) -> Optional[list[str]]:
     if report_to == "none":
         return None
     if report_to == "auto":
-        from accelerate.utils import is_tensorboard_available
-
         return ["tensorboard"] if bool(is_tensorboard_available()) else None
     return [name.strip() for name in report_to.split(",") if name.strip()]
 
@@ -374,17 +378,13 @@ def _write_csv(path: Path, history: list[dict]) -> None:
 
 def _plot_curves(path: Path, history: list[dict]) -> None:
     """The training loss terms in one panel and each validation metric in its own, against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
     columns = list(dict.fromkeys(key for row in history for key in row))
     train_keys = [k for k in columns if k.startswith("train/")]
     panels = ([("training loss", train_keys)] if train_keys else []) + [(k, [k]) for k in columns if k.startswith("eval/")]
     if not panels:
         return
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    figure = Figure(figsize=(5 * len(panels), 4))  # no pyplot: files only, the user's backend untouched
+    axes = figure.subplots(1, len(panels), squeeze=False)
     for axis, (title, keys) in zip(axes[0], panels):
         for key in keys:
             steps, values = zip(*[(row["step"], row[key]) for row in history if key in row])
@@ -394,7 +394,6 @@ def _plot_curves(path: Path, history: list[dict]) -> None:
             axis.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 # ---------------------------------------------------------------------------------- training
@@ -414,10 +413,6 @@ class ImpureTrainer:
         eval_dataset=None,
         classifier: Union[nn.Module, str, None] = None,
     ):
-        from accelerate import Accelerator, DataLoaderConfiguration
-        from accelerate.state import AcceleratorState
-        from accelerate.utils import ProjectConfiguration, set_seed
-
         if config is None:
             config = TrainingConfig()
         elif isinstance(config, dict):
@@ -451,8 +446,6 @@ class ImpureTrainer:
         set_seed(config.seed)
         model = _build_model(config, model)
         if isinstance(classifier, str) or (classifier is None and config.classifier is not None):
-            from .classifiers import load_classifier
-
             classifier = load_classifier(classifier or config.classifier)
         if classifier is not None:
             classifier = classifier.to(accelerator.device).eval().requires_grad_(False)
@@ -471,8 +464,6 @@ class ImpureTrainer:
         train_loader = torch.utils.data.DataLoader(
             train_dataset, batch_size=config.batch_size, shuffle=self.sized, collate_fn=collate, num_workers=config.num_workers
         )
-        from timm.optim import param_groups_weight_decay
-
         # the release's groups: no weight decay for biases and 1-d parameters (norms)
         optimizer = torch.optim.AdamW(
             param_groups_weight_decay(model, config.weight_decay),
@@ -492,8 +483,6 @@ class ImpureTrainer:
         self.total_steps = config.max_steps or config.num_epochs * steps_per_epoch
         self.num_epochs = math.ceil(self.total_steps / steps_per_epoch) if self.sized else None
         warmup = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_epochs * steps_per_epoch)
-        from transformers import get_cosine_schedule_with_warmup
-
         # Accelerate steps a prepared scheduler once per process on every optimizer step
         scheduler = get_cosine_schedule_with_warmup(
             self.optimizer,
@@ -546,8 +535,6 @@ class ImpureTrainer:
     # ------------------------------------------------------------------ saving
     def save_checkpoint(self) -> Path:
         """``save_state`` plus this trainer's state: a folder ``--resume`` continues from exactly."""
-        from safetensors.torch import save_file
-
         accelerator = self.accelerator
         folder = Path(accelerator.save_state())
         save_file({"state": self.generator.get_state()}, str(folder / f"generator_{accelerator.process_index}.safetensors"))
@@ -558,8 +545,6 @@ class ImpureTrainer:
         return folder
 
     def load_checkpoint(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
         self.accelerator.load_state(str(folder))
         self.state = json.loads((folder / TRAINER_STATE).read_text())
         generator_file = folder / f"generator_{self.accelerator.process_index}.safetensors"
@@ -584,8 +569,6 @@ class ImpureTrainer:
         progress.set_postfix(loss=f"{means['loss']:.4f}")
 
     def run(self) -> ImpureModel:
-        from tqdm.auto import tqdm
-
         accelerator, config, state = self.accelerator, self.config, self.state
         model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
         if accelerator.is_main_process:
@@ -690,45 +673,6 @@ FINETUNE_DEFAULTS = dict(
 )
 
 
-def check_classifier(classifier: nn.Module, image_size: int) -> int:
-    """Run ``classifier`` once on [0, 1] images of the purifier's size; return its number of classes.
-
-    The purifier hands the classifier (N, 3, S, S) images in [0, 1]. A network trained on other
-    inputs is declared once with ``impure_hf.classifiers.ImageClassifier(model, input_size, mean,
-    std, labels)``, which resizes and normalises. Anything that fails on such a batch, or does not
-    return (N, num_classes) finite logits, raises a ValueError saying what to declare.
-    """
-    if not isinstance(classifier, nn.Module):
-        raise TypeError(f"classifier must be a torch.nn.Module taking [0, 1] images, got {type(classifier).__name__}")
-    device = next(classifier.parameters(), torch.empty(0)).device
-    probe = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
-    declared = ""
-    if hasattr(classifier, "input_size"):  # an ImageClassifier: say what was declared
-        mean, std = ([round(v, 4) for v in t.flatten().tolist()] for t in (classifier.mean, classifier.std))
-        declared = f" (declared input_size={classifier.input_size}, mean={mean}, std={std})"
-    hint = (
-        "The purifier gives the classifier RGB images in [0, 1]; declare what the network expects once with "
-        "impure_hf.classifiers.ImageClassifier(model, input_size=..., mean=..., std=..., labels=...), which "
-        "resizes and normalises (a network for grayscale input needs its own RGB-to-gray first layer)."
-    )
-    classifier.eval()  # the probe must not update BatchNorm statistics
-    try:
-        with torch.no_grad():
-            output = classifier(probe)
-    except (RuntimeError, ValueError, TypeError) as err:
-        raise ValueError(
-            f"the classifier {type(classifier).__name__}{declared} fails on a batch of shape {tuple(probe.shape)} "
-            f"(the purifier's {image_size} px output): {type(err).__name__}: {err}\n{hint}"
-        ) from err
-    logits = getattr(output, "logits", output)
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 2 or logits.shape[1] < 2:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"the classifier{declared} must return (N, num_classes) logits for (N, 3, H, W) images, got {shape}. {hint}")
-    if not torch.isfinite(logits).all():
-        raise ValueError(f"the classifier{declared} returns NaN or inf logits on [0, 1] images. {hint}")
-    return int(logits.shape[1])
-
-
 def _check_label_set(dataset, classifier: nn.Module, num_classes: int) -> None:
     """Labels of a ``datasets`` ClassLabel column must be the classifier's (same names, same order)."""
     features = getattr(dataset, "features", None)
@@ -775,21 +719,15 @@ def finetune(
             ``dataset`` option. Build them with ``impure_hf.finetuning.build_finetuning_dataset``.
         eval_dataset: validation pairs (default: the DatasetDict's ``eval_split``).
     """
-    from .hub import load_purifier
-
     if isinstance(purifier, str):
         purifier = load_purifier(purifier)
     if isinstance(classifier, str):
-        from .classifiers import load_classifier
-
         classifier = load_classifier(classifier)
     num_classes = check_classifier(classifier, purifier.config.image_size)
     settings = TrainingConfig.from_dict({**FINETUNE_DEFAULTS, **config})
     if isinstance(dataset, (str, Path)):
         settings.dataset, dataset = str(dataset), None
     if dataset is None and settings.dataset is not None:
-        from .data import load_adversarial_dataset
-
         dataset = load_adversarial_dataset(settings.dataset, streaming=settings.streaming)
     for data in (dataset, eval_dataset):
         if data is not None:
@@ -798,7 +736,8 @@ def finetune(
 
 
 # ---------------------------------------------------------------------------------- command line
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``impure train``: ``--config`` and one flag per ``TrainingConfig`` field."""
     parser.add_argument("--config", default=None, help="YAML file of training options (flags override it)")
     hints = get_type_hints(TrainingConfig)
     for f in dataclasses.fields(TrainingConfig):
@@ -823,7 +762,8 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
     return TrainingConfig.from_dict(flags)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``impure train``."""
     try:
         config = config_from_args(args)
     except (ValueError, FileNotFoundError) as err:
@@ -833,24 +773,24 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "train",
-        help="train a purifier (also: accelerate launch -m impure_hf.train)",
-        description="Train an IMPure purifier with Accelerate. Options come from --config (YAML) and flags.",
-    )
-    _add_arguments(parser)
-    parser.set_defaults(func=_run)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m impure_hf.train", description="Train an IMPure purifier with Accelerate.")
-    _add_arguments(parser)
-    return _run(parser.parse_args(argv))
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+
+__all__ = [
+    "FINETUNE_DEFAULTS",
+    "check_columns",
+    "encoder_parameters",
+    "finetune",
+    "ImpureTrainer",
+    "train",
+    "TrainingConfig",
+    "validation_metrics",
+]
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-__all__ = ["TrainingConfig", "ImpureTrainer", "train", "finetune", "FINETUNE_DEFAULTS", "check_classifier", "validation_metrics", "check_columns", "encoder_parameters"]

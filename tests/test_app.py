@@ -19,10 +19,11 @@ from PIL import Image
 from conftest import tiny_model
 from fixtures_data import lite0
 from impure_hf.app import (
-    FALLBACK_MODEL, MAX_SIDE, AttackDemo, _parse_eps, read_image, short_class_names, write_space,
+    FALLBACK_MODEL, MAX_SIDE, AttackDemo, _parse_eps, read_image, short_class_names,
 )
 from impure_hf.cli import main as cli_main
 from impure_hf.data import package_file
+from impure_hf.publishing import write_space
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS = 16 / 255
@@ -130,9 +131,9 @@ def test_unreadable_files_and_bad_eps_raise_readable_errors(bad_files):
 
 
 def test_missing_default_model_falls_back_to_the_untrained_preset_with_a_note(monkeypatch, tmp_path):
-    import impure_hf
+    import impure_hf.loading
 
-    monkeypatch.setattr(impure_hf, "DEFAULT_MODEL", str(tmp_path / "not-trained-yet"))
+    monkeypatch.setattr(impure_hf.loading, "DEFAULT_MODEL", str(tmp_path / "not-trained-yet"))
     fallback = AttackDemo.load(None, lite0(), device="cpu")
     assert fallback.model_name == FALLBACK_MODEL and "untrained" in fallback.note
     assert fallback.purifier.config.image_size == 224 and not fallback.purifier.training

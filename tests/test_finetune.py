@@ -8,7 +8,6 @@ The target is the README example's real classifier with a non-ImageNet label set
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -186,7 +185,7 @@ def test_offline_builder_pairs_follow_a_custom_label_set(tmp_path, cifar10):
 def test_cli_builds_image_folder_pairs_and_finetunes_a_custom_head(tmp_path, cifar10, capsys):
     from safetensors.torch import save_file
 
-    from impure_hf.finetuning import add_parser
+    from impure_hf.cli import build_parser
 
     # an ImageFolder of real crops, each filed under the class the classifier gives it
     crops = photo_crops("train", 12, seed=3)
@@ -198,8 +197,7 @@ def test_cli_builds_image_folder_pairs_and_finetunes_a_custom_head(tmp_path, cif
     save_file(cifar10.model.state_dict(), str(tmp_path / "cifar10-head.safetensors"))
     (tmp_path / "labels.txt").write_text("\n".join(EXAMPLE.CIFAR10_LABELS))
 
-    parser = argparse.ArgumentParser(prog="impure")
-    add_parser(parser.add_subparsers())
+    parser = build_parser()
     argv = [
         "finetune", "--from", str(BASE), "--classifier", "tf_efficientnet_lite0", "--num-classes", "10",
         "--labels", str(tmp_path / "labels.txt"), "--classifier-weights", str(tmp_path / "cifar10-head.safetensors"),

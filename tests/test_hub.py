@@ -23,14 +23,13 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 import impure_hf
 from impure_hf import ImpureConfig, ImpureModel
 from impure_hf.cli import main as cli_main
-from impure_hf.hub import (
+from impure_hf.loading import HUB_REPO_IDS, load_purifier
+from impure_hf.publishing import (
     GITHUB_REPO,
-    HUB_REPO_IDS,
     REMOTE_CODE_FILES,
     add_to_hf_cache,
     check_hub_folder,
     load_eval_results,
-    load_purifier,
     validate_model_card,
 )
 
