@@ -242,14 +242,49 @@ def attack_success(model: nn.Module, adversarial: torch.Tensor, labels: torch.Te
     return predict(model, adversarial, batch_size=batch_size) != labels.cpu()
 
 
+# ---------------------------------------------------------------------------------- adaptive (white-box) attacks
+# white-box attacks beyond the nine: PGD and the randomised AutoAttack with EOT gradient averaging
+ADAPTIVE_ATTACKS = ("pgd-eot", "autoattack-rand")
+
+
+def _paper_attack(name: str, model: nn.Module, eps: float, steps: Optional[int], **params):
+    attack = make_attack(name, model, eps=eps, **params)
+    if steps is not None and hasattr(attack, "steps"):  # one-step attacks (FGSM) keep theirs
+        attack = make_attack(name, model, eps=eps, steps=steps, **params)
+    return attack
+
+
+def make_adaptive_attack(name: str, model: nn.Module, eps: float, eot_samples: int = 1, steps: Optional[int] = None):
+    """A white-box attack on ``model`` (a defended classifier).
+
+    ``pgd-eot``: torchattacks' EOTPGD with the paper's PGD settings, gradients averaged over
+    ``eot_samples`` forward passes. ``autoattack-rand``: AutoAttack's version for randomised
+    defences, APGD-CE then APGD-DLR (each image keeps the first that succeeds) with EOT; the
+    number of EOT samples is configurable here (AutoAttack fixes 20). Any of the nine attack names:
+    that attack on ``model`` as given (wrap it with ``PurifiedClassifier(num_samples=E)`` for EOT on
+    averaged logits).
+    """
+    if name == "pgd-eot":
+        pgd = _paper_attack("pgd", model, eps, steps)
+        return torchattacks.EOTPGD(
+            model, eps=pgd.eps, alpha=pgd.alpha, steps=pgd.steps, eot_iter=eot_samples, random_start=pgd.random_start
+        )
+    if name == "autoattack-rand":
+        parts = [_paper_attack(part, model, eps, steps, eot_iter=eot_samples) for part in ("apgd-ce", "apgd-dlr")]
+        return torchattacks.MultiAttack(parts)
+    return _paper_attack(name, model, eps, steps)
+
+
 __all__ = [
-    "ATTACKS",
+    "ADAPTIVE_ATTACKS",
     "ATTACK_NORMS",
+    "ATTACKS",
     "DEFAULT_EPS",
-    "TopKDeepFool",
     "attack_images",
     "attack_success",
     "check_eps",
+    "make_adaptive_attack",
     "make_attack",
     "round_to_uint8",
+    "TopKDeepFool",
 ]

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .attacks import ATTACKS, attack_images, make_attack
 from .classifiers import load_classifier
-from .evaluate import load_eval_images
+from .evaluation import load_eval_images
 from .loading import load_purifier
 from .losses import PerceptualLoss, PurificationLoss, RandomCombination
 from .modeling_impure import ImpureModel

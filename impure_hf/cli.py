@@ -17,7 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from . import app, bench, convert, data, demo, evaluate, finetuning, train
+from . import app, bench, convert, data, demo, evaluation, finetuning, train
 from ._utils import iter_image_files
 from .image_processing_impure import ImpureImageProcessor
 from .loading import DEFAULT_MODEL, HUB_REPO_IDS, load_purifier
@@ -43,8 +43,8 @@ _SUBCOMMANDS = {
                        "--data holds them) and train with the perceptual loss on its own layers. Takes every `impure "
                        f"train` option; fine-tuning defaults: {train.FINETUNE_DEFAULTS}.",
         "conflict_handler": "resolve"}),  # finetune's --model / --classifier / --dataset replace train's
-    "evaluate": (evaluate, "accuracy tables: no defence, baselines and IMPure under black-box and white-box attacks", {
-        "description": evaluate.__doc__.split("\n\n")[0]}),
+    "evaluate": (evaluation, "accuracy tables: no defence, baselines and IMPure under black-box and white-box attacks", {
+        "description": evaluation.harness.__doc__.split("\n\n")[0]}),
     "demo": (demo, "attack real photos, purify them, and compare with simple baselines (offline)", {}),
     "bench": (bench, "benchmark the purifier against timm ViT-B/16", {}),
     "app": (app, "the attack-and-purify page in the browser (needs the app extra: Gradio)", {

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .evaluate import evaluate, render_markdown
+from .evaluation import evaluate, render_markdown
 from .loading import load_purifier
 
 FAST_ATTACKS = ("fgsm", "pgd", "mifgsm")

@@ -157,16 +157,16 @@ def test_every_number_carries_its_labels(small_run):
 
 def test_rerun_skips_finished_cells(small_run, classifier, photos, monkeypatch):
     results, out = small_run
-    import impure_hf.attacks
+    import impure_hf.evaluation.harness as harness
 
     calls = []
-    original = impure_hf.attacks.attack_images
+    original = harness.attack_images
 
     def counting(attack, images, labels, seed=None):
         calls.append(type(attack).__name__)
         return original(attack, images, labels, seed=seed)
 
-    monkeypatch.setattr(impure_hf.attacks, "attack_images", counting)
+    monkeypatch.setattr(harness, "attack_images", counting)
     # a lost cell is recomputed from the cached (8-bit) adversarial images, to the same numbers
     (lost,) = (out / "cells").glob("efficientnet_lite0__black-box__pgd__none__*.json")
     lost.unlink()
