@@ -81,7 +81,7 @@ def cifar10_classifier(input_size: int = 128) -> ImageClassifier:
 def cifar10_test_images():
     """foolbox's 20 labelled CIFAR-10 test images (``cifar10_<i>_<label>.png``) as ``EvalImages``."""
     from impure_hf.data import package_data_dir
-    from impure_hf.evaluate import EvalImages
+    from impure_hf.evaluation import EvalImages
     from impure_hf.image_processing_impure import ImpureImageProcessor
 
     paths = sorted(package_data_dir("foolbox").glob("cifar10_*.png"))
@@ -130,9 +130,9 @@ def pretrain_base(out: Path = BASE_PURIFIER, steps: int = 4000, batch_size: int 
 
 
 def main(argv=None) -> None:
-    from impure_hf.evaluate import evaluate, render_markdown
+    from impure_hf import finetune
+    from impure_hf.evaluation import evaluate, render_markdown
     from impure_hf.finetuning import build_finetuning_dataset
-    from impure_hf.train import finetune
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--purifier", default=str(BASE_PURIFIER), help="32 px purifier folder to fine-tune")

@@ -26,7 +26,7 @@ def __getattr__(name):
 
         return PurifiedClassifier
     if name == "finetune":
-        from .train import finetune
+        from .finetuning import finetune
 
         return finetune
     raise AttributeError(f"module 'impure_hf' has no attribute {name!r}")

@@ -37,7 +37,7 @@ from ._utils import parse_eps
 from .attacks import ATTACK_NORMS, ATTACKS, DEFAULT_EPS, attack_images, check_eps, make_attack, round_to_uint8
 from .classifiers import load_classifier
 from .configuration_impure import PRESETS
-from .data import foolbox_imagenet_samples, package_file
+from .photos import foolbox_imagenet_samples, package_file
 from .defended import amplified_perturbation
 from .image_processing_impure import ImpureImageProcessor, to_pil_rgb
 from .loading import load_purifier

@@ -2,7 +2,7 @@
 
 Library modules expose functions, an ``add_arguments(parser)`` and a ``run(args) -> int``; this
 module registers each as a subcommand (``_SUBCOMMANDS``). The small commands that only call library
-functions (``purify``, ``publish``, ``card``, ``convert``) are written here. Nothing in the
+functions (``purify``, ``make-dataset``, ``publish``, ``card``, ``convert``) are written here. Nothing in the
 package imports this module.
 """
 
@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from . import app, bench, convert, data, demo, evaluation, finetuning, train
-from ._utils import iter_image_files
+from ._utils import iter_image_files, parse_eps, process_state
 from .image_processing_impure import ImpureImageProcessor
 from .loading import DEFAULT_MODEL, HUB_REPO_IDS, load_purifier
 from .publishing import (
@@ -33,15 +33,12 @@ from .publishing import (
 
 # name -> (module with add_arguments / run, help, extra keyword arguments of the subparser)
 _SUBCOMMANDS = {
-    "make-dataset": (data, "build an adversarial (clean, adversarial) image-pair dataset", {
-        "description": "Attack images with the paper's attacks and save the pairs as a Hugging Face dataset folder "
-                       "(resumable; scale out with --num-proc or `accelerate launch -m impure_hf.cli make-dataset ...`)."}),
     "train": (train, "train a purifier (also: accelerate launch -m impure_hf.train)", {
         "description": "Train an IMPure purifier with Accelerate. Options come from --config (YAML) and flags."}),
     "finetune": (finetuning, "fine-tune a purifier for your classifier (any label set)", {
         "description": "Fine-tune an IMPure purifier for a target classifier: build adversarial pairs for it (unless "
                        "--data holds them) and train with the perceptual loss on its own layers. Takes every `impure "
-                       f"train` option; fine-tuning defaults: {train.FINETUNE_DEFAULTS}.",
+                       f"train` option; fine-tuning defaults: {finetuning.FINETUNE_DEFAULTS}.",
         "conflict_handler": "resolve"}),  # finetune's --model / --classifier / --dataset replace train's
     "evaluate": (evaluation, "accuracy tables: no defence, baselines and IMPure under black-box and white-box attacks", {
         "description": evaluation.harness.__doc__.split("\n\n")[0]}),
@@ -49,6 +46,12 @@ _SUBCOMMANDS = {
     "bench": (bench, "benchmark the purifier against timm ViT-B/16", {}),
     "app": (app, "the attack-and-purify page in the browser (needs the app extra: Gradio)", {
         "description": "Serve a page that attacks an image and purifies it (Gradio; pip install -e \".[app]\")."}),
+}
+
+
+_DESCRIPTIONS = {
+    "make-dataset": "Attack images with the paper's attacks and save the pairs as a Hugging Face dataset folder "
+                    "(resumable; scale out with --num-proc or `accelerate launch -m impure_hf.cli make-dataset ...`).",
 }
 
 
@@ -83,6 +86,57 @@ def _add_purify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the purifier's noise")
     parser.add_argument("--size", type=int, default=None, help="crop size (default: the model's image_size)")
     parser.add_argument("--device", default="cpu")
+
+
+# ---------------------------------------------------------------------------------- impure make-dataset
+def _make_dataset(args: argparse.Namespace) -> int:
+    attacks = None if args.attacks == ["all"] else args.attacks
+    out = data.build_adversarial_dataset(
+        args.output_dir,
+        classifiers=args.classifier,
+        attacks=attacks,
+        eps=args.eps,
+        source=args.source,
+        splits=args.splits,
+        train_size=args.train_size,
+        validation_size=args.validation_size,
+        test_size=args.test_size,
+        image_size=args.image_size,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        num_proc=args.num_proc,
+        device=args.device,
+        overwrite=args.overwrite,
+        extra_train_photos=args.extra_train_photos,
+        validation_fraction=args.validation_fraction,
+    )
+    if process_state().is_main_process:
+        print(f"adversarial dataset written to {out} (card: {out / 'README.md'})")
+    return 0
+
+
+
+def _add_make_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output_dir", help="dataset folder to write (rerun the same command to resume)")
+    parser.add_argument("--source", default="offline", help="'offline' (packaged photos), an ImageNet folder with train/ and val/ in ImageFolder layout, or an image folder labelled for the classifier")
+    parser.add_argument("--extra-train-photos", nargs="+", default=[], metavar="PATH", help="offline source: more photo files or folders for the train split's random crops (e.g. /usr/share/backgrounds/mate/nature)")
+    parser.add_argument("--classifier", nargs="+", default=["efficientnet_lite0"], help="target classifier name(s): efficientnet_lite0, timm names, transformers folders / Hub ids")
+    parser.add_argument("--attacks", nargs="+", default=["all"], help="attack names (fgsm cw deepfool pgd mifgsm difgsm mdfgsm apgd-ce apgd-dlr) or 'all'")
+    parser.add_argument("--eps", type=parse_eps, default=16 / 255, help="L_inf budget, e.g. 16/255 (default)")
+    parser.add_argument("--splits", nargs="+", default=list(data.SPLITS), choices=data.SPLITS)
+    parser.add_argument("--train-size", type=int, default=None, help="offline: images (default 64); ImageNet: per class (10); other folders: per class (all)")
+    parser.add_argument("--validation-size", type=int, default=None, help="offline: images (16); ImageNet: per class (5); other folders: per class (all)")
+    parser.add_argument("--test-size", type=int, default=None, help="offline: foolbox photos (20); ImageNet: per class (5)")
+    parser.add_argument("--image-size", type=int, default=None, help="stored image side (default: the classifier's input size)")
+    parser.add_argument("--validation-fraction", type=float, default=0.2,
+                        help="an image folder without val/: share of each class held out for validation")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--shard-size", type=int, default=8, help="offline images or ImageNet classes per shard")
+    parser.add_argument("--num-proc", type=int, default=1, help="worker processes on this machine")
+    parser.add_argument("--device", default=None, help="device of the classifiers (default: cpu, or accelerate's)")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing build in output_dir first")
 
 
 # ---------------------------------------------------------------------------------- impure publish / card
@@ -185,12 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     own = (
         ("purify", "purify image files and folders", _add_purify_arguments, _purify),
+        ("make-dataset", "build an adversarial (clean, adversarial) image-pair dataset", _add_make_dataset_arguments,
+         _make_dataset),
         ("publish", "build a complete Hub folder (remote code, card) and upload it", _add_publish_arguments, _publish),
         ("card", "write the model card (README.md) of a saved model", _add_card_command_arguments, _card),
         ("convert", "convert the authors' released checkpoint into a Hub folder", convert.add_arguments, _convert),
     )
     for name, help_text, add_arguments, func in own:
-        command = sub.add_parser(name, help=help_text)
+        command = sub.add_parser(name, help=help_text, description=_DESCRIPTIONS.get(name))
         add_arguments(command)
         command.set_defaults(func=func)
     for name, (module, help_text, kwargs) in _SUBCOMMANDS.items():

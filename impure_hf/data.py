@@ -21,6 +21,11 @@ Sources:
   with the paper's selection: per class, the first ``train_size`` (10) train images and
   ``validation_size`` / ``test_size`` (5 / 5) val images that the classifier gets right, in a
   seeded order; validation and test draw from disjoint halves of each class's val images.
+- any other image folder, labelled for the target classifier (fine-tuning for your own classifier):
+  ``ROOT/train/`` and ``ROOT/val/``, or ``ROOT`` alone (then a seeded ``validation_fraction`` of
+  each class is held out for validation), each holding class folders named by the classifier's
+  labels or class indices (sorted folder order for a classifier without names), or bare images
+  labelled by the classifier's clean prediction; all images per class unless sizes are given.
 
 Only correctly classified images are attacked, as in the paper. The build writes shards
 (``data/<split>-<i>-of-<n>.parquet``); a killed build rerun with the same arguments skips the
@@ -31,194 +36,77 @@ shards; the main process writes the dataset card (README.md) with counts and suc
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import multiprocessing
 import os
-import random
 import shutil
 from dataclasses import dataclass
 from fractions import Fraction
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import datasets
-import numpy as np
 import pyarrow.parquet as pq
 import torch
-import torchvision.transforms.functional as TF
 from datasets import ClassLabel, Dataset, Features, Value, load_dataset
 from huggingface_hub import DatasetCard, DatasetCardData
-from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
 from ._utils import iter_image_files, parse_eps, process_state  # noqa: F401  (iter_image_files: its old home)
+from .photos import (  # noqa: F401  (their old home was here)
+    OFFLINE_PHOTOS,
+    foolbox_imagenet_samples,
+    package_data_dir,
+    package_file,
+    random_photo_crops,
+)
 from ._version import __version__
 from .attacks import ATTACK_NORMS, ATTACKS, attack_images, attack_success, check_eps, make_attack, round_to_uint8
-from .classifiers import IMAGENET_SYNSETS, load_classifier, predict
-from .image_processing_impure import ImpureImageProcessor, to_pil_rgb
+from .classifiers import load_classifier, predict
+from .data_sources import (  # noqa: F401  (class_indices: for users of this module)
+    SPLITS,
+    Candidate,
+    Pool,
+    class_indices,
+    derive_seed,
+    folder_kind,
+    folder_layout,
+    folder_pools,
+    load_pixels,
+    offline_pools,
+)
+from .image_processing_impure import ImpureImageProcessor
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
-SPLITS = ("train", "validation", "test")
 COLUMNS = ("clean", "adversarial", "label", "attack", "classifier", "eps", "source_id")
 # Settings and per-shard statistics; a shard is finished once its statistics exist. Hidden, so
 # datasets' split detection (which matches "train-*" anywhere) never takes them for data.
 BUILD_DIR = ".build"
 FORMAT_VERSION = 1
 
-# Real photos shipped inside installed packages, as "<package>/<file>" in the package's data
-# folder (_PACKAGE_DATA). Train and validation use different photos, so validation never sees a
-# crop of a training photo.
-_PACKAGE_DATA = {"skimage": "data", "sklearn": "datasets/images", "matplotlib": "mpl-data/sample_data", "foolbox": "data"}
-OFFLINE_PHOTOS: dict[str, tuple[str, ...]] = {
-    "train": (
-        "skimage/astronaut.png",
-        "skimage/chelsea.png",
-        "skimage/rocket.jpg",
-        "skimage/motorcycle_left.png",
-        "skimage/hubble_deep_field.jpg",
-        "skimage/ihc.png",
-        "skimage/camera.png",
-        "skimage/coins.png",
-        "sklearn/china.jpg",
-        "matplotlib/Minduka_Present_Blue_Pack.png",
-    ),
-    "validation": (
-        "skimage/coffee.png",
-        "skimage/retina.jpg",
-        "sklearn/flower.jpg",
-        "matplotlib/grace_hopper.jpg",
-    ),
+# per split: images (offline) or images per class (folders); None: all of them
+_DEFAULT_SIZES = {
+    "offline": {"train": 64, "validation": 16, "test": 20},
+    "imagenet": {"train": 10, "validation": 5, "test": 5},  # the paper's selection
+    "folder": {"train": None, "validation": None, "test": None},
 }
-CROP_SCALE = (0.25, 1.0)  # area fraction of the random square crops of the offline photos
-_DEFAULT_SIZES = {"offline": {"train": 64, "validation": 16, "test": 20}, "imagenet": {"train": 10, "validation": 5, "test": 5}}
-
-
-def package_data_dir(package: str) -> Path:
-    """Data folder of an installed package (skimage, sklearn, matplotlib, foolbox), without importing it."""
-    spec = find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        pip_name = {"skimage": "scikit-image", "sklearn": "scikit-learn"}.get(package, package)
-        hint = "install.sh installs it: pip install --no-deps foolbox==3.3.4" if package == "foolbox" else f"pip install {pip_name}"
-        raise FileNotFoundError(f"the offline source needs the package {package!r}: {hint}")
-    return Path(spec.submodule_search_locations[0]) / _PACKAGE_DATA[package]
-
-
-def package_file(name: str) -> Path:
-    """Path of ``"<package>/<file>"`` (e.g. ``"skimage/astronaut.png"``) in an installed package's data folder."""
-    package, _, filename = name.partition("/")
-    path = package_data_dir(package) / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed {package}")
-    return path
-
-
-def foolbox_imagenet_samples() -> list[tuple[Path, int]]:
-    """foolbox's 20 labelled ImageNet photos as (path, class index), read from its data folder."""
-    paths = sorted(package_data_dir("foolbox").glob("imagenet_*.jpg"))
-    if not paths:
-        raise FileNotFoundError(f"no imagenet_*.jpg photos in {package_data_dir('foolbox')}")
-    return [(path, int(path.stem.split("_")[-1])) for path in paths]
-
-
-def random_photo_crops(photos: Sequence[PathLike], n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
-    """(n, 3, size, size) random square crops of ``photos`` (files, taken in turn), in [0, 1].
-
-    Each side is drawn between a third of the photo's shorter side and all of it, then resized
-    (bicubic); ``seed`` fixes every draw. For quick experiments and tests on real photos; the
-    dataset builder draws its own crops per source entry (``_load_pixels``).
-    """
-    rng = np.random.default_rng(seed)
-    arrays = [np.asarray(Image.open(path).convert("RGB")) for path in photos]
-    crops = []
-    for i in range(n):
-        photo = arrays[i % len(arrays)]
-        h, w = photo.shape[:2]
-        side = int(rng.integers(min(h, w) // 3, min(h, w) + 1))
-        top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-        pil = Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size), Image.BICUBIC)
-        crops.append(torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255).permute(2, 0, 1))
-    return torch.stack(crops)
 
 
 # ------------------------------------------------------------------------------------- the plan
-@dataclass(frozen=True)
-class _Candidate:
-    source_id: str
-    path: str
-    label: Optional[int] = None  # None: use the classifier's clean prediction
-    crop_seed: Optional[int] = None  # None: resize and centre-crop; else a seeded random crop
-
-
-@dataclass(frozen=True)
-class _Pool:
-    """Candidates in order; the first ``quota`` the classifier gets right are attacked."""
-
-    candidates: tuple[_Candidate, ...]
-    quota: int
-
-
 @dataclass(frozen=True)
 class _Shard:
     split: str
     index: int
     count: int
-    pools: tuple[_Pool, ...]
+    pools: tuple[Pool, ...]
 
     @property
     def name(self) -> str:
         return f"{self.split}-{self.index:05d}-of-{self.count:05d}"
-
-
-def _derive_seed(*keys: int) -> int:
-    return int(np.random.SeedSequence(keys).generate_state(1)[0])
-
-
-def _offline_pools(split: str, size: int, seed: int, extra_train_photos: Sequence[str] = ()) -> list[_Pool]:
-    if split == "test":
-        samples = foolbox_imagenet_samples()[:size]
-        return [_Pool((_Candidate(f"foolbox/{path.name}", str(path), label),), 1) for path, label in samples]
-    # (source id, file): packaged photos by package-relative name, extra photos by folder/name
-    photos = [(name, str(package_file(name))) for name in OFFLINE_PHOTOS[split]]
-    if split == "train":
-        photos += [(f"{Path(path).parent.name}/{Path(path).name}", path) for path in extra_train_photos]
-    pools = []
-    for i in range(size):
-        name, path = photos[i % len(photos)]
-        crop_seed = _derive_seed(seed, SPLITS.index(split), i)
-        pools.append(_Pool((_Candidate(f"{name}#crop{i:05d}", path, None, crop_seed),), 1))
-    return pools
-
-
-def _imagenet_pools(root: Path, split: str, per_class: int, seed: int) -> list[_Pool]:
-
-    folder = root / ("train" if split == "train" else "val")
-    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()) if folder.is_dir() else []
-    if not classes:
-        raise FileNotFoundError(f"no class folders in {folder}: the {split} split needs ImageFolder layout {folder}/<wnid>/*.JPEG")
-    index = {wnid: i for i, wnid in enumerate(IMAGENET_SYNSETS)}
-    unknown = [name for name in classes if name not in index]
-    if unknown:
-        raise ValueError(f"class folders of {folder} must be ImageNet WordNet ids (n01440764, ...); found {unknown[:5]}")
-    pools, total = [], 0
-    for wnid in classes:
-        files = sorted(p for p in (folder / wnid).iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
-        label = index[wnid]
-        random.Random(_derive_seed(seed, int(split != "train"), label)).shuffle(files)
-        if split != "train":  # validation and test: disjoint halves of the same shuffled val images
-            files = files[0::2] if split == "validation" else files[1::2]
-        total += len(files)
-        pools.append(_Pool(tuple(_Candidate(p.relative_to(root).as_posix(), str(p), label) for p in files), per_class))
-    if total == 0:
-        raise FileNotFoundError(f"no image files in the class folders of {folder}")
-    return pools
 
 
 def _plan(settings: dict) -> list[_Shard]:
@@ -226,9 +114,9 @@ def _plan(settings: dict) -> list[_Shard]:
     for split in settings["splits"]:
         size = settings["sizes"][split]
         if settings["source"] == "offline":
-            pools = _offline_pools(split, size, settings["seed"], settings.get("extra_train_photos", ()))
+            pools = offline_pools(split, size, settings["seed"], settings.get("extra_train_photos", ()))
         else:
-            pools = _imagenet_pools(Path(settings["source"]), split, size, settings["seed"])
+            pools = folder_pools(settings, split)
         step = settings["shard_size"]
         count = max(1, -(-len(pools) // step))
         shards += [_Shard(split, i, count, tuple(pools[i * step : (i + 1) * step])) for i in range(count)]
@@ -236,28 +124,6 @@ def _plan(settings: dict) -> list[_Shard]:
 
 
 # ------------------------------------------------------------------------------- building shards
-def _load_pixels(candidate: _Candidate, image_size: int) -> Optional[torch.Tensor]:
-    """(3, S, S) float image on the 8-bit grid, or None if the file cannot be decoded."""
-
-    try:
-        with Image.open(candidate.path) as image:
-            image.load()
-            pil = to_pil_rgb(image)
-    except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-        logger.warning("skipping %s: cannot decode (%s)", candidate.source_id, err)
-        return None
-    if candidate.crop_seed is None:
-        return ImpureImageProcessor(crop_size=image_size)(pil)["pixel_values"][0]
-    with torch.random.fork_rng(devices=[]):  # torchvision draws crop parameters from the global generator
-        torch.manual_seed(candidate.crop_seed)
-        top, left, height, width = RandomResizedCrop.get_params(pil, scale=list(CROP_SCALE), ratio=[1.0, 1.0])
-        flip = bool(torch.rand(()) < 0.5)
-    pil = TF.resized_crop(pil, top, left, height, width, [image_size, image_size], InterpolationMode.BICUBIC, antialias=True)
-    if flip:
-        pil = TF.hflip(pil)
-    return TF.pil_to_tensor(pil).float() / 255
-
-
 def adversarial_features(label_names: Sequence[str]):
     """The dataset's ``datasets.Features`` for classifiers with these class names."""
     return Features(
@@ -296,7 +162,7 @@ class _ShardBuilder:
         self.attacks = [[make_attack(name, c, eps=settings["eps"]) for name in settings["attacks"]] for c in classifiers]
         self.features = adversarial_features(settings["label_names"])
 
-    def _select(self, pools: Sequence[_Pool], classifier, pixels) -> tuple[list, int]:
+    def _select(self, pools: Sequence[Pool], classifier, pixels) -> tuple[list, int]:
         """(source_id, image, label) of each pool's first ``quota`` correctly classified candidates."""
         chosen, misclassified = [], 0
         for pool in pools:
@@ -322,9 +188,9 @@ class _ShardBuilder:
         settings = self.settings
         cache: dict[str, Optional[torch.Tensor]] = {}  # decoded once, shared by the classifiers
 
-        def pixels(candidate: _Candidate) -> Optional[torch.Tensor]:
+        def pixels(candidate: Candidate) -> Optional[torch.Tensor]:
             if candidate.source_id not in cache:
-                cache[candidate.source_id] = _load_pixels(candidate, settings["image_size"])
+                cache[candidate.source_id] = load_pixels(candidate, settings["image_size"])
             return cache[candidate.source_id]
 
         rows = {column: [] for column in COLUMNS}
@@ -341,7 +207,7 @@ class _ShardBuilder:
                     batch = chosen[b : b + settings["batch_size"]]
                     images = torch.stack([image for _, image, _ in batch])
                     labels = torch.tensor([label for _, _, label in batch])
-                    seed = _derive_seed(settings["seed"], SPLITS.index(shard.split), shard.index, c, list(ATTACKS).index(name), b)
+                    seed = derive_seed(settings["seed"], SPLITS.index(shard.split), shard.index, c, list(ATTACKS).index(name), b)
                     adversarial = attack_images(attack, images.to(device), labels.to(device), seed=seed).cpu()
                     rounded = round_to_uint8(adversarial, images, eps)
                     counts["images"] += len(batch)
@@ -415,6 +281,7 @@ def build_adversarial_dataset(
     overwrite: bool = False,
     progress: bool = True,
     extra_train_photos: Sequence[PathLike] = (),
+    validation_fraction: float = 0.2,
 ) -> Path:
     """Build (or resume) an adversarial dataset folder loadable with [`load_adversarial_dataset`].
 
@@ -424,10 +291,12 @@ def build_adversarial_dataset(
             (recorded by their ``.name``); all must share one label set.
         attacks: names from ``impure_hf.attacks.ATTACKS`` (default: all nine).
         eps: L_inf budget in [0, 1] pixel units.
-        source: ``"offline"`` or an ImageNet folder (see the module docstring).
+        source: ``"offline"``, an ImageNet folder, or any image folder labelled for the
+            classifier (see the module docstring).
         splits: which of train / validation / test to build.
         train_size / validation_size / test_size: offline: number of images (test: at most
-            foolbox's 20; default 64 / 16 / 20); ImageNet folder: images per class (10 / 5 / 5).
+            foolbox's 20; default 64 / 16 / 20); ImageNet folder: images per class (10 / 5 / 5);
+            other image folders: images per class (default: all).
         image_size: side of the stored images (default: the first classifier's input size).
         seed: seeds the crops, the ImageNet order and the attacks' random draws.
         batch_size: images per attack call.
@@ -441,6 +310,8 @@ def build_adversarial_dataset(
         extra_train_photos: offline source: more photo files or folders whose random crops join
             the train split's (taken in turn with the packaged photos), e.g. a distribution's
             wallpaper photos. Their resolved paths are part of the build's settings.
+        validation_fraction: an image folder without ``val/``: the share of each class's images
+            held out for validation (seeded).
 
     Returns:
         ``output_dir`` as a Path.
@@ -459,16 +330,19 @@ def build_adversarial_dataset(
     if source != "offline":
         source = Path(source).resolve()
         if not source.is_dir():
-            raise FileNotFoundError(f"ImageNet folder not found: {source} (or use source='offline')")
-    kind = "offline" if source == "offline" else "imagenet"
+            raise FileNotFoundError(f"image folder not found: {source} (or use source='offline')")
+    kind = "offline" if source == "offline" else folder_kind(source)
     if extra_train_photos and kind != "offline":
-        raise ValueError("extra_train_photos add to the offline source's train split; an ImageNet folder has its own images")
+        raise ValueError("extra_train_photos add to the offline source's train split; an image folder has its own images")
     extra = [str(path.resolve()) for path in iter_image_files(extra_train_photos)] if extra_train_photos else []
     given = {"train": train_size, "validation": validation_size, "test": test_size}
     sizes = {s: _DEFAULT_SIZES[kind][s] if given[s] is None else given[s] for s in splits}
-    for name, value in {**{f"{s}_size": v for s, v in sizes.items()}, "batch_size": batch_size, "shard_size": shard_size}.items():
+    counts = {**{f"{s}_size": v for s, v in sizes.items() if v is not None}, "batch_size": batch_size, "shard_size": shard_size}
+    for name, value in counts.items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not 0 <= validation_fraction < 1:
+        raise ValueError(f"validation_fraction must lie in [0, 1), got {validation_fraction}")
 
     if isinstance(classifiers, (str, torch.nn.Module)):
         classifiers = [classifiers]
@@ -480,7 +354,7 @@ def build_adversarial_dataset(
     label_names = [c.labels or [str(i) for i in range(c.num_classes)] for c in classifiers]
     if any(names != label_names[0] for names in label_names):
         raise ValueError("all classifiers must share one label set (e.g. ImageNet-1k)")
-    if len(label_names[0]) != 1000 and (kind == "imagenet" or "test" in splits):
+    if len(label_names[0]) != 1000 and (kind == "imagenet" or (kind == "offline" and "test" in splits)):
         raise ValueError("labelled ImageNet sources (the ImageNet folder, the offline test split) need 1000-class ImageNet classifiers")
 
     settings = {
@@ -497,8 +371,11 @@ def build_adversarial_dataset(
         "shard_size": shard_size,
         "label_names": label_names[0],
     }
-    if extra:  # only when given, so builds without extra photos keep their settings (and resume)
+    # only when used, so that earlier builds keep their settings (and resume)
+    if extra:
         settings["extra_train_photos"] = extra
+    if kind != "offline" and folder_layout(source)["val"] is None:
+        settings["validation_fraction"] = validation_fraction
     plan = _plan(settings)  # lists the sources: raises on an empty folder before anything is written
     out = Path(output_dir)
     if state.is_main_process:
@@ -566,7 +443,7 @@ def _write_card(out: Path, settings: dict, plan: list[_Shard]) -> None:
     def percent(n: int, d: int) -> str:
         return f"{100 * n / d:.1f}" if d else "n/a"
 
-    source = "offline photos (foolbox, scikit-image, scikit-learn, matplotlib)" if settings["source"] == "offline" else f"ImageNet folder `{settings['source']}`"
+    source = "offline photos (foolbox, scikit-image, scikit-learn, matplotlib)" if settings["source"] == "offline" else f"image folder `{settings['source']}`"
     lines = [
         "# IMPure adversarial image pairs",
         "",
@@ -614,7 +491,7 @@ def _write_card(out: Path, settings: dict, plan: list[_Shard]) -> None:
         "",
         "## Columns",
         "",
-        "clean and adversarial (PNG images), label (ImageNet class; for unlabelled photos the classifier's clean "
+        "clean and adversarial (PNG images), label (the classifier's class; for unlabelled photos the classifier's clean "
         "prediction), attack, classifier, eps (null for L2 attacks), source_id.",
         "",
         "## Sources and licences",
@@ -670,68 +547,69 @@ def to_tensors(batch: dict) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------- CLI
-def run(args: argparse.Namespace) -> int:
-    """``impure make-dataset``."""
-    attacks = None if args.attacks == ["all"] else args.attacks
-    out = build_adversarial_dataset(
-        args.output_dir,
-        classifiers=args.classifier,
-        attacks=attacks,
-        eps=args.eps,
-        source=args.source,
-        splits=args.splits,
-        train_size=args.train_size,
-        validation_size=args.validation_size,
-        test_size=args.test_size,
-        image_size=args.image_size,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        num_proc=args.num_proc,
-        device=args.device,
-        overwrite=args.overwrite,
-        extra_train_photos=args.extra_train_photos,
-    )
-    if process_state().is_main_process:
-        print(f"adversarial dataset written to {out} (card: {out / 'README.md'})")
-    return 0
+REQUIRED_COLUMNS = ("clean", "adversarial")  # what training needs of a pair dataset
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``impure make-dataset``."""
-    parser.add_argument("output_dir", help="dataset folder to write (rerun the same command to resume)")
-    parser.add_argument("--source", default="offline", help="'offline' (packaged photos) or an ImageNet folder with train/ and val/ in ImageFolder layout")
-    parser.add_argument("--extra-train-photos", nargs="+", default=[], metavar="PATH", help="offline source: more photo files or folders for the train split's random crops (e.g. /usr/share/backgrounds/mate/nature)")
-    parser.add_argument("--classifier", nargs="+", default=["efficientnet_lite0"], help="target classifier name(s): efficientnet_lite0, timm names, transformers folders / Hub ids")
-    parser.add_argument("--attacks", nargs="+", default=["all"], help="attack names (fgsm cw deepfool pgd mifgsm difgsm mdfgsm apgd-ce apgd-dlr) or 'all'")
-    parser.add_argument("--eps", type=parse_eps, default=16 / 255, help="L_inf budget, e.g. 16/255 (default)")
-    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
-    parser.add_argument("--train-size", type=int, default=None, help="offline: images (default 64); ImageNet: per class (10)")
-    parser.add_argument("--validation-size", type=int, default=None, help="offline: images (16); ImageNet: per class (5)")
-    parser.add_argument("--test-size", type=int, default=None, help="offline: foolbox photos (20); ImageNet: per class (5)")
-    parser.add_argument("--image-size", type=int, default=None, help="stored image side (default: the classifier's input size)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--shard-size", type=int, default=8, help="offline images or ImageNet classes per shard")
-    parser.add_argument("--num-proc", type=int, default=1, help="worker processes on this machine")
-    parser.add_argument("--device", default=None, help="device of the classifiers (default: cpu, or accelerate's)")
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing build in output_dir first")
+def collate_pairs(processor: ImpureImageProcessor, rows: list[dict]) -> dict[str, torch.Tensor]:
+    """A training batch of dataset rows: ``clean`` / ``adversarial`` pixel values (and ``labels``)."""
+    batch = {key: processor([row[key] for row in rows])["pixel_values"] for key in REQUIRED_COLUMNS}
+    if "label" in rows[0]:
+        batch["labels"] = torch.tensor([row["label"] for row in rows], dtype=torch.long)
+    return batch
+
+
+def random_crop_pairs(
+    clean: torch.Tensor, adversarial: torch.Tensor, size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random square crop, and a random horizontal flip, of each clean/adversarial pair.
+
+    Training on crops is far cheaper than on whole images, and the purifier works on any window of
+    its position grid (the release trains 224 px windows of a 448 px table the same way).
+    """
+    n, _, height, width = clean.shape
+    if size > min(height, width):
+        raise ValueError(f"train_crop_size {size} is larger than the training images ({height}x{width})")
+    device = generator.device
+    tops = torch.randint(0, height - size + 1, (n,), generator=generator, device=device).tolist()
+    lefts = torch.randint(0, width - size + 1, (n,), generator=generator, device=device).tolist()
+    flips = torch.rand(n, generator=generator, device=device).lt(0.5).tolist()
+    crops = []
+    for images in (clean, adversarial):
+        out = torch.stack([images[i, :, t : t + size, l : l + size] for i, (t, l) in enumerate(zip(tops, lefts))])
+        flip = torch.tensor(flips, device=out.device).view(n, 1, 1, 1)
+        crops.append(torch.where(flip, out.flip(-1), out))
+    return crops[0], crops[1]
+
+
+def check_columns(dataset, name: str = "dataset") -> None:
+    """Raise a clear error unless ``dataset`` has the ``clean`` and ``adversarial`` image columns."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:  # a stream without declared features: look at the first row
+        columns = list(next(iter(dataset)).keys())
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(
+            f"the {name} lacks the column(s) {missing} (it has {list(columns)}); IMPure training needs the "
+            "image columns 'clean' and 'adversarial' (optionally 'label'), as built by `impure make-dataset`"
+        )
 
 
 __all__ = [
     "COLUMNS",
     "OFFLINE_PHOTOS",
+    "REQUIRED_COLUMNS",
     "SPLITS",
     "adversarial_features",
-    "add_arguments",
     "build_adversarial_dataset",
+    "check_columns",
+    "class_indices",
+    "collate_pairs",
     "foolbox_imagenet_samples",
     "load_adversarial_dataset",
     "package_data_dir",
     "package_file",
     "parse_eps",
+    "random_crop_pairs",
     "random_photo_crops",
-    "run",
     "to_tensors",
 ]

@@ -7,14 +7,15 @@ The third way in: you have a classifier (timm, torchvision, a Hugging Face model
 
 1. Declare how the network reads images, once: ``ImageClassifier(model, input_size, mean, std,
    labels)`` (``impure_hf.classifiers``) takes [0, 1] images of any size, resizes and normalises.
-2. Adversarial pairs for that classifier: [`build_finetuning_dataset`] (the packaged offline
-   photos through ``impure_hf.data``'s builder, or an ImageFolder of your images) or
-   [`adversarial_pairs`] (images in memory). The ``label`` column follows the classifier's labels.
-3. ``impure_hf.finetune(purifier, classifier, pairs, **config)`` (``impure_hf.train.finetune``):
-   the [train] trainer with the perceptual loss on the classifier's own layers, lr 1e-5, 10 epochs,
-   optionally a frozen encoder.
+2. Adversarial pairs for that classifier, built by the one dataset builder
+   (``impure_hf.data.build_adversarial_dataset``, here through [`build_finetuning_dataset`]): the
+   packaged offline photos, or an image folder of your images labelled with the classifier's own
+   class names. The ``label`` column follows the classifier's labels.
+3. ``impure_hf.finetune(purifier, classifier, pairs, **config)`` ([`finetune`]): the trainer of
+   ``impure_hf.train`` with the perceptual loss on the classifier's own layers, lr 1e-5, 10
+   epochs, optionally a frozen encoder.
 4. Use it: ``PurifiedClassifier(purifier, classifier)`` (logits), or in a transformers pipeline
-   through [`PurifiedImageClassification`] / [`purified_pipeline`].
+   through ``PurifiedImageClassification`` / ``purified_pipeline`` (``impure_hf.defended``).
 
 LoRA / adapters (``peft``) are not offered: measured on these purifiers, ``freeze_encoder=True``
 trains faster than LoRA on the decoder with less memory, and keeps the parameter names and the
@@ -25,293 +26,113 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import random
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import numpy as np
 import timm
-import torch
 import yaml
-from datasets import Dataset, DatasetDict
-from PIL import Image
+from datasets import DatasetDict
 from torch import nn
-from tqdm.auto import tqdm
 
-from ._utils import iter_image_files, parse_eps
-from .attacks import ATTACK_NORMS, ATTACKS, attack_images, attack_success, check_eps, make_attack, round_to_uint8
-from .classifiers import (
-    IMAGENET_LABELS,
-    IMAGENET_SYNSETS,
-    ImageClassifier,
-    check_classifier,
-    load_classifier,
-    predict,
-    read_state_dict,
-)
-from .data import COLUMNS, adversarial_features, build_adversarial_dataset, load_adversarial_dataset
+from ._utils import parse_eps
+from .classifiers import ImageClassifier, check_classifier, load_classifier, read_state_dict
+from .data import build_adversarial_dataset, class_indices, load_adversarial_dataset  # noqa: F401  (class_indices: its old home)
 from .defended import (  # noqa: F401  (their old home was here)
     PurifiedImageClassification,
     PurifiedImageClassificationConfig,
     purified_pipeline,
 )
-from .image_processing_impure import ImpureImageProcessor
 from .loading import load_purifier
-from .train import FINETUNE_DEFAULTS, TrainingConfig, finetune, validation_metrics
+from .modeling_impure import ImpureModel
+from .train import TrainingConfig, train, validation_metrics
 from .train import add_arguments as add_training_arguments
 
-logger = logging.getLogger(__name__)
-
 PathLike = Union[str, Path]
-SETTINGS_FILE = "pairs_settings.json"  # written with ImageFolder pairs: a rerun reuses them only if unchanged
 SUMMARY_FILE = "finetune_summary.json"
 
 
-# ---------------------------------------------------------------------------------- classifiers
+# ---------------------------------------------------------------------------------- fine-tuning
+# Fine-tuning defaults (the release fine-tunes with a lower rate for fewer epochs); any
+# TrainingConfig field given to `finetune` overrides them.
+FINETUNE_DEFAULTS = dict(
+    perceptual_loss="classifier",
+    learning_rate=1e-5,
+    num_epochs=10,
+    warmup_epochs=1.0,
+    output_dir="outputs/impure-finetune",
+)
+
+
+def _check_label_set(dataset, classifier: nn.Module, num_classes: int) -> None:
+    """Labels of a ``datasets`` ClassLabel column must be the classifier's (same names, same order)."""
+    features = getattr(dataset, "features", None)
+    if features is None and isinstance(dataset, dict):  # a DatasetDict: every split has the same features
+        features = next(iter(dataset.values())).features
+    names = getattr((features or {}).get("label"), "names", None)
+    if names is None:
+        return
+    expected = getattr(classifier, "labels", None)
+    if expected is not None and list(names) != list(expected):
+        raise ValueError(
+            f"the dataset's labels ({len(names)} classes: {', '.join(names[:4])}, ...) are not the classifier's "
+            f"({len(expected)} classes: {', '.join(expected[:4])}, ...): build the pairs for this classifier "
+            "(impure_hf.finetuning.build_finetuning_dataset or `impure finetune` without --data)"
+        )
+    if len(names) != num_classes:
+        raise ValueError(f"the dataset has {len(names)} label classes but the classifier {num_classes} outputs")
+
+
+def finetune(
+    purifier: Union[ImpureModel, str],
+    classifier: Union[nn.Module, str],
+    dataset,
+    eval_dataset=None,
+    **config,
+) -> ImpureModel:
+    """Fine-tune a trained purifier for one target classifier (the paper's flexible perceptual loss).
+
+    Same trainer as [`train`], with fine-tuning defaults ([`FINETUNE_DEFAULTS`]): perceptual loss
+    on the classifier's own layers, lr 1e-5, 10 epochs, 1 warm-up epoch. Any [`TrainingConfig`]
+    field can be overridden (e.g. ``freeze_encoder=True``, ``perceptual_layers={...}``,
+    ``perceptual_loss="vgg19"``).
+
+    Args:
+        purifier: an ``ImpureModel`` or a preset name / folder / Hub id (``hub.load_purifier``).
+        classifier: the target: a module taking (N, 3, H, W) images in [0, 1] and returning
+            logits, e.g. ``ImageClassifier(model, input_size, mean, std, labels)`` for a network
+            that expects normalised input, or a name for ``classifiers.load_classifier``. Its
+            label set can be any (not only ImageNet). It is checked once on a batch of the
+            purifier's size; a mismatch raises a ValueError before training.
+        dataset: adversarial pairs (``clean``, ``adversarial``, optionally ``label`` that must
+            follow the classifier's labels): a ``datasets`` Dataset, a DatasetDict split by
+            ``train_split`` / ``eval_split``, a dataset folder / Hub id, or None for the
+            ``dataset`` option. Build them with ``impure_hf.finetuning.build_finetuning_dataset``.
+        eval_dataset: validation pairs (default: the DatasetDict's ``eval_split``).
+    """
+    if isinstance(purifier, str):
+        purifier = load_purifier(purifier)
+    if isinstance(classifier, str):
+        classifier = load_classifier(classifier)
+    num_classes = check_classifier(classifier, purifier.config.image_size)
+    settings = TrainingConfig.from_dict({**FINETUNE_DEFAULTS, **config})
+    if isinstance(dataset, (str, Path)):
+        settings.dataset, dataset = str(dataset), None
+    if dataset is None and settings.dataset is not None:
+        dataset = load_adversarial_dataset(settings.dataset, streaming=settings.streaming)
+    for data in (dataset, eval_dataset):
+        if data is not None:
+            _check_label_set(data, classifier, num_classes)
+    return train(settings, purifier, dataset, eval_dataset, classifier)
+
+
+# ---------------------------------------------------------------------------------- pairs
 def as_image_classifier(classifier: nn.Module, image_size: int) -> nn.Module:
     """``classifier`` itself if it is an ``ImageClassifier``; a plain module taking [0, 1] images
     is wrapped with identity normalisation at ``image_size`` (the builders need its label names)."""
     if isinstance(classifier, ImageClassifier):
         return classifier
     return ImageClassifier(classifier, image_size, mean=(0.0,) * 3, std=(1.0,) * 3, name=type(classifier).__name__)
-
-
-def label_names(classifier: nn.Module, num_classes: int) -> list[str]:
-    """The classifier's class names, or "0" .. "K-1" when it has none."""
-    labels = getattr(classifier, "labels", None)
-    return list(labels) if labels is not None else [str(i) for i in range(num_classes)]
-
-
-# ---------------------------------------------------------------------------------- pairs in memory
-def adversarial_pairs(
-    classifier: nn.Module,
-    images: torch.Tensor,
-    labels: Optional[torch.Tensor] = None,
-    attacks: Optional[Sequence[str]] = None,
-    eps: float = 16 / 255,
-    source_ids: Optional[Sequence[str]] = None,
-    correct_only: bool = True,
-    seed: int = 0,
-    batch_size: int = 16,
-    progress: bool = True,
-):
-    """Attack ``images`` against ``classifier``: a ``datasets.Dataset`` with the columns of
-    ``impure make-dataset`` (``impure_hf.data.COLUMNS``), its ``label`` in the classifier's labels.
-
-    Args:
-        classifier: module taking [0, 1] images (an ``ImageClassifier``; a plain module is wrapped
-            by [`as_image_classifier`]), on the device to attack on.
-        images: (N, 3, S, S) in [0, 1]; rounded to 8 bits first, as stored.
-        labels: (N,) true class indices, or None: the classifier's clean predictions.
-        attacks: names of ``impure_hf.attacks.ATTACKS`` (default: all nine).
-        eps: L_inf budget in [0, 1] pixel units (the L2 attacks are unbounded).
-        source_ids: one id per image (default: "image<i>").
-        correct_only: attack only the images the classifier gets right (the paper's protocol).
-        seed: seeds the attacks' random draws (per attack and batch).
-        batch_size: images per attack call.
-    """
-
-    eps = check_eps(eps)
-    attacks = [a.lower() for a in (attacks or ATTACKS)]
-    unknown = [a for a in attacks if a not in ATTACKS]
-    if unknown or not attacks:
-        raise ValueError(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)}")
-    if images.dim() != 4 or images.shape[1] != 3 or images.shape[-1] != images.shape[-2]:
-        raise ValueError(f"images must be square RGB (N, 3, S, S) in [0, 1], got {tuple(images.shape)}")
-    if labels is not None and labels.shape != images.shape[:1]:
-        raise ValueError(f"expected {len(images)} labels, got shape {tuple(labels.shape)}")
-    classifier = as_image_classifier(classifier, images.shape[-1])
-    num_classes = check_classifier(classifier, images.shape[-1])
-    names = label_names(classifier, num_classes)
-    if labels is not None and len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}) for this classifier, got {labels.min()} .. {labels.max()}")
-    ids = list(source_ids) if source_ids is not None else [f"image{i}" for i in range(len(images))]
-    if len(ids) != len(images):
-        raise ValueError(f"expected {len(images)} source ids, got {len(ids)}")
-
-    images = round_to_uint8(images.detach().float().cpu())
-    predictions = predict(classifier, images)
-    labels = predictions if labels is None else labels.cpu().long()
-    keep = (predictions == labels) if correct_only else torch.ones(len(images), dtype=torch.bool)
-    logger.info("%d of %d images are classified correctly%s", int((predictions == labels).sum()), len(images),
-                "; only those are attacked" if correct_only else "")
-    images, labels = images[keep], labels[keep]
-    ids = [i for i, k in zip(ids, keep.tolist()) if k]
-
-    device = next(classifier.parameters()).device
-    rows: dict[str, list] = {column: [] for column in COLUMNS}
-    made = [make_attack(name, classifier, eps=eps) for name in attacks]
-    steps = [(a, b) for a in range(len(attacks)) for b in range(0, len(images), batch_size)]
-    success: dict[str, int] = dict.fromkeys(attacks, 0)
-    for a, b in tqdm(steps, desc="attacking", unit="batch", disable=not progress):
-        name, attack = attacks[a], made[a]
-        clean, target = images[b : b + batch_size], labels[b : b + batch_size]
-        batch_seed = int(np.random.SeedSequence([seed, a, b]).generate_state(1)[0])
-        adversarial = attack_images(attack, clean.to(device), target.to(device), seed=batch_seed).cpu()
-        bound = eps if ATTACK_NORMS[name] == "Linf" else None
-        adversarial = round_to_uint8(adversarial, clean, bound)  # what a stored PNG keeps
-        success[name] += int(attack_success(classifier, adversarial, target).sum())
-        rows["clean"] += ImpureImageProcessor.post_process(clean)
-        rows["adversarial"] += ImpureImageProcessor.post_process(adversarial)
-        rows["label"] += target.tolist()
-        rows["attack"] += [name] * len(clean)
-        rows["classifier"] += [getattr(classifier, "name", type(classifier).__name__)] * len(clean)
-        rows["eps"] += [bound] * len(clean)
-        rows["source_id"] += ids[b : b + batch_size]
-    for name, count in success.items():
-        logger.info("%s fools the classifier on %d of %d images (8-bit)", name, count, len(images))
-    return Dataset.from_dict(rows, features=adversarial_features(names))
-
-
-# ---------------------------------------------------------------------------------- image folders
-@dataclass
-class FolderImages:
-    """Images of one split of an image folder: (N, 3, S, S) in [0, 1], labels (N,) or None, ids."""
-
-    pixel_values: torch.Tensor
-    labels: Optional[torch.Tensor]
-    ids: list[str]
-
-
-def _class_folders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def class_indices(folder_names: Sequence[str], names: Optional[Sequence[str]], num_classes: int) -> dict[str, int]:
-    """Class index of each ImageFolder class folder for a classifier with class ``names``.
-
-    With names: a folder is a class name (case and ``_``/space insensitive), a class index, or,
-    for an ImageNet-1k classifier, a WordNet id (n01440764). Without names: the sorted folder
-    names are classes 0, 1, ... (torchvision's ImageFolder order, how such a network was trained).
-    """
-    if names is None:
-        if len(folder_names) > num_classes:
-            raise ValueError(f"{len(folder_names)} class folders for a classifier with {num_classes} classes")
-        return {name: i for i, name in enumerate(sorted(folder_names))}
-    def key(text: str) -> str:
-        return text.lower().replace("_", " ").strip()
-
-    lookup = {key(name): i for i, name in enumerate(names)}
-    if list(names) == IMAGENET_LABELS:
-        lookup.update({wnid: i for i, wnid in enumerate(IMAGENET_SYNSETS)})
-    found, unknown = {}, []
-    for folder in folder_names:
-        if key(folder) in lookup:
-            found[folder] = lookup[key(folder)]
-        elif folder.isdigit() and int(folder) < len(names):
-            found[folder] = int(folder)
-        else:
-            unknown.append(folder)
-    if unknown:
-        raise ValueError(
-            f"class folder(s) {unknown[:5]} match none of the classifier's {len(names)} labels "
-            f"({', '.join(names[:5])}, ...): name folders by the classifier's labels or class indices"
-        )
-    return found
-
-
-def _read_images(files: Sequence[Path], image_size: int) -> tuple[list[torch.Tensor], list[int]]:
-    """Decoded (3, S, S) images (shortest edge resized to S, centre crop) and the positions read."""
-
-    processor = ImpureImageProcessor(crop_size=image_size, resize_shortest_edge=image_size)
-    images, kept = [], []
-    for position, path in enumerate(files):
-        try:
-            with Image.open(path) as image:
-                image.load()
-                images.append(processor(image)["pixel_values"][0])
-            kept.append(position)
-        except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-            logger.warning("skipping %s: cannot decode (%s)", path, err)
-    return images, kept
-
-
-def load_image_folder(
-    root: PathLike,
-    classifier: nn.Module,
-    image_size: int,
-    num_classes: Optional[int] = None,
-    train_size: Optional[int] = None,
-    validation_size: Optional[int] = None,
-    validation_fraction: float = 0.2,
-    seed: int = 0,
-) -> dict[str, FolderImages]:
-    """The ``train`` and ``validation`` images of a folder, labelled for ``classifier``.
-
-    Layouts: ``ROOT/train/`` and ``ROOT/val/`` (or ``validation/``), or ``ROOT`` alone, whose
-    images are split per class by a seeded ``validation_fraction``. Each of them holds class
-    folders (``<class>/*.jpg``, see [`class_indices`]) or just images (unlabelled: the
-    classifier's clean predictions serve as labels). ``train_size`` / ``validation_size`` keep
-    the first images of each class (of the whole split when unlabelled) in a seeded order.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    if not 0 <= validation_fraction < 1:
-        raise ValueError(f"validation_fraction must lie in [0, 1), got {validation_fraction}")
-    if num_classes is None:
-        num_classes = check_classifier(classifier, image_size)
-    names = getattr(classifier, "labels", None)
-    validation = next((root / n for n in ("val", "validation") if (root / n).is_dir()), None)
-    folders = {"train": root / "train", "validation": validation} if (root / "train").is_dir() else {"train": root}
-
-    def groups(folder: Path) -> dict[Optional[int], list[Path]]:
-        """Files by class index (None: unlabelled), each group in a seeded order."""
-        classes = _class_folders(folder)
-        if classes:
-            index = class_indices([c.name for c in classes], names, num_classes)
-            found = {index[c.name]: iter_image_files([c]) for c in classes}
-        else:
-            found = {None: iter_image_files([folder])}
-        for label, files in found.items():
-            random.Random(f"{seed}-{label}").shuffle(files)
-        return found
-
-    splits: dict[str, dict[Optional[int], list[Path]]] = {name: groups(f) for name, f in folders.items() if f is not None}
-    if "validation" not in splits and validation_fraction > 0:
-        splits["validation"] = {}
-        for label, files in splits["train"].items():
-            count = round(len(files) * validation_fraction) if len(files) > 1 else 0
-            splits["validation"][label], splits["train"][label] = files[:count], files[count:]
-
-    limits = {"train": train_size, "validation": validation_size}
-    result = {}
-    for split, by_class in splits.items():
-        files, labels = [], []
-        for label, group in sorted(by_class.items(), key=lambda item: -1 if item[0] is None else item[0]):
-            group = group[: limits[split]] if limits[split] else group
-            files += group
-            labels += [label] * len(group)
-        images, kept = _read_images(files, image_size)
-        if not images:
-            logger.warning("no decodable images for the %s split in %s", split, folders.get(split, root))
-            continue
-        labelled = bool(labels) and labels[0] is not None
-        result[split] = FolderImages(
-            torch.stack(images),
-            torch.tensor([labels[i] for i in kept]) if labelled else None,
-            [files[i].relative_to(root).as_posix() for i in kept],
-        )
-    if "train" not in result:
-        raise FileNotFoundError(f"no decodable training images in {root}")
-    return result
-
-
-# ---------------------------------------------------------------------------------- the builder
-def _write_pairs(out: Path, pairs, settings: dict) -> None:
-    """Parquet shards and a card in the layout of ``impure make-dataset`` (``load_adversarial_dataset`` reads it)."""
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    lines = ["# IMPure adversarial pairs for fine-tuning", "", "Built by `impure_hf.finetuning.build_finetuning_dataset`.", ""]
-    lines += [f"- {key}: {value}" for key, value in settings.items()]
-    lines += ["", "| split | rows |", "|---|---|"]
-    for split, data in pairs.items():
-        data.to_parquet(str(out / "data" / f"{split}-00000-of-00001.parquet"))
-        lines.append(f"| {split} | {len(data)} |")
-    (out / "README.md").write_text("\n".join(lines) + "\n")
-    (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))  # last: marks a finished build
 
 
 def build_finetuning_dataset(
@@ -324,69 +145,42 @@ def build_finetuning_dataset(
     train_size: Optional[int] = None,
     validation_size: Optional[int] = None,
     validation_fraction: float = 0.2,
-    correct_only: bool = True,
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
-):
-    """Adversarial ``train`` / ``validation`` pairs for ``classifier`` as a ``DatasetDict``.
+) -> DatasetDict:
+    """Adversarial ``train`` / ``validation`` pairs for ``classifier``, built by the one dataset
+    builder (``impure_hf.data.build_adversarial_dataset``) into ``output_dir``; a rerun with the
+    same settings resumes or reuses the build, one with other settings raises a ValueError.
 
     Args:
         classifier: the target (an ``ImageClassifier``, or a module taking [0, 1] images); any
             number of classes. The ``label`` column uses its class names.
-        source: ``"offline"``: the packaged real photos through ``impure_hf.data``'s builder
-            (random crops, labelled by the classifier's clean predictions; ``output_dir``
-            required, resumable); or an image folder (see [`load_image_folder`]).
-        output_dir: where to keep the pairs (a folder ``load_adversarial_dataset`` and
-            ``impure finetune --data`` read); a rerun with the same settings reuses it.
+        source: ``"offline"`` (random crops of the packaged real photos, labelled by the
+            classifier's clean predictions) or an image folder (``ROOT/train`` + ``ROOT/val``, or
+            ``ROOT`` alone) of class folders named by the classifier's labels or indices, or of bare
+            images (see ``impure_hf.data``).
+        output_dir: where the pairs are written (a folder ``load_adversarial_dataset`` and
+            ``impure finetune --data`` read).
         image_size: side of the pairs: the purifier's ``config.image_size``.
-        attacks / eps / seed / batch_size: as [`adversarial_pairs`] (default: all nine attacks).
         train_size / validation_size: offline: number of photo crops (default 64 / 16); image
             folder: images per class (default: all).
         validation_fraction: image folder without ``val/``: share of each class held out.
-        correct_only: attack only correctly classified images (the offline builder always does).
+        attacks / eps / seed / batch_size: as ``build_adversarial_dataset`` (default: all nine attacks).
     """
-
+    if output_dir is None:
+        raise ValueError("the pairs are written to disk (resumable): pass output_dir")
     classifier = as_image_classifier(classifier, image_size)
-    num_classes = check_classifier(classifier, image_size)
-    if str(source) == "offline":
-        if output_dir is None:
-            raise ValueError("the offline source writes its pairs to disk: pass output_dir")
-        folder = build_adversarial_dataset(
-            output_dir, classifiers=classifier, attacks=attacks, eps=eps, source="offline",
-            splits=("train", "validation"), train_size=train_size, validation_size=validation_size,
-            image_size=image_size, seed=seed, batch_size=batch_size,
-            device=next(classifier.parameters()).device, progress=progress,
-        )
-        return load_adversarial_dataset(folder)
-
-    settings = {
-        "classifier": classifier.name, "source": str(Path(source).resolve()), "image_size": image_size,
-        "attacks": list(attacks) if attacks else "all", "eps": eps, "train_size": train_size,
-        "validation_size": validation_size, "validation_fraction": validation_fraction,
-        "correct_only": correct_only, "seed": seed, "labels": label_names(classifier, num_classes),
-    }
-    out = Path(output_dir) if output_dir is not None else None
-    if out is not None and (out / SETTINGS_FILE).is_file():
-        if json.loads((out / SETTINGS_FILE).read_text()) == settings:
-            return load_adversarial_dataset(out)
-        raise FileExistsError(f"{out} holds pairs built with other settings; choose another folder or delete it")
-    if out is not None and out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose an empty or new folder for the pairs")
-
-    splits = load_image_folder(source, classifier, image_size, num_classes, train_size, validation_size, validation_fraction, seed)
-    pairs = {}
-    for index, (split, found) in enumerate(splits.items()):
-        split_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-        pairs[split] = adversarial_pairs(
-            classifier, found.pixel_values, found.labels, attacks, eps, found.ids, correct_only, split_seed, batch_size, progress
-        )
-    empty = [split for split, data in pairs.items() if len(data) == 0]
-    if "train" in empty:
+    check_classifier(classifier, image_size)
+    folder = build_adversarial_dataset(
+        output_dir, classifiers=classifier, attacks=attacks, eps=eps, source=source, splits=("train", "validation"),
+        train_size=train_size, validation_size=validation_size, validation_fraction=validation_fraction,
+        image_size=image_size, seed=seed, batch_size=batch_size, device=next(classifier.parameters()).device,
+        progress=progress,
+    )
+    pairs = load_adversarial_dataset(folder)
+    if len(pairs.get("train", [])) == 0:
         raise ValueError(f"no training pairs: the classifier classifies none of the training images in {source} correctly")
-    pairs = DatasetDict({split: data for split, data in pairs.items() if split not in empty})
-    if out is not None:
-        _write_pairs(out, pairs, settings)
     return pairs
 
 
@@ -543,18 +337,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 __all__ = [
-    "FolderImages",
+    "FINETUNE_DEFAULTS",
     "add_arguments",
-    "PurifiedImageClassification",
-    "PurifiedImageClassificationConfig",
-    "adversarial_pairs",
     "as_image_classifier",
     "build_finetuning_dataset",
     "class_indices",
-    "label_names",
+    "finetune",
     "load_custom_classifier",
-    "load_image_folder",
     "parse_labels",
-    "purified_pipeline",
     "run",
 ]

@@ -39,8 +39,14 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .classifiers import check_classifier, load_classifier
-from .data import load_adversarial_dataset
+from .classifiers import check_classifier, load_classifier  # noqa: F401  (check_classifier: its old home)
+from .data import (  # noqa: F401  (random_crop_pairs, check_columns: their old home was here)
+    REQUIRED_COLUMNS,
+    check_columns,
+    collate_pairs,
+    load_adversarial_dataset,
+    random_crop_pairs,
+)
 from .image_processing_impure import ImpureImageProcessor
 from .loading import load_purifier
 from .losses import PerceptualLoss, PurificationLoss, RandomCombination
@@ -48,7 +54,6 @@ from .modeling_impure import ImpureModel
 
 PERCEPTUAL_LOSSES = ("none", "vgg19", "vgg19_bn_release", "classifier")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-REQUIRED_COLUMNS = ("clean", "adversarial")
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -199,49 +204,6 @@ def _coerce(name: str, hint, value):
 
 
 # ---------------------------------------------------------------------------------- data
-def _collate(processor: ImpureImageProcessor, rows: list[dict]) -> dict[str, torch.Tensor]:
-    batch = {key: processor([row[key] for row in rows])["pixel_values"] for key in REQUIRED_COLUMNS}
-    if "label" in rows[0]:
-        batch["labels"] = torch.tensor([row["label"] for row in rows], dtype=torch.long)
-    return batch
-
-
-def random_crop_pairs(
-    clean: torch.Tensor, adversarial: torch.Tensor, size: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same random square crop, and a random horizontal flip, of each clean/adversarial pair.
-
-    Training on crops is far cheaper than on whole images, and the purifier works on any window of
-    its position grid (the release trains 224 px windows of a 448 px table the same way).
-    """
-    n, _, height, width = clean.shape
-    if size > min(height, width):
-        raise ValueError(f"train_crop_size {size} is larger than the training images ({height}x{width})")
-    device = generator.device
-    tops = torch.randint(0, height - size + 1, (n,), generator=generator, device=device).tolist()
-    lefts = torch.randint(0, width - size + 1, (n,), generator=generator, device=device).tolist()
-    flips = torch.rand(n, generator=generator, device=device).lt(0.5).tolist()
-    crops = []
-    for images in (clean, adversarial):
-        out = torch.stack([images[i, :, t : t + size, l : l + size] for i, (t, l) in enumerate(zip(tops, lefts))])
-        flip = torch.tensor(flips, device=out.device).view(n, 1, 1, 1)
-        crops.append(torch.where(flip, out.flip(-1), out))
-    return crops[0], crops[1]
-
-
-def check_columns(dataset, name: str = "dataset") -> None:
-    """Raise a clear error unless ``dataset`` has the ``clean`` and ``adversarial`` image columns."""
-    columns = getattr(dataset, "column_names", None)
-    if columns is None:  # a stream without declared features: look at the first row
-        columns = list(next(iter(dataset)).keys())
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise ValueError(
-            f"the {name} lacks the column(s) {missing} (it has {list(columns)}); IMPure training needs the "
-            "image columns 'clean' and 'adversarial' (optionally 'label'), as built by `impure make-dataset`"
-        )
-
-
 def _resolve_datasets(config: TrainingConfig, train_dataset, eval_dataset):
     """(train, eval or None) from the arguments or ``config.dataset``, DatasetDicts split by name."""
     if train_dataset is None:
@@ -356,7 +318,7 @@ def validation_metrics(
     model.eval()
     device = next(model.parameters()).device
     processor = ImpureImageProcessor(crop_size=model.config.image_size, resize_shortest_edge=model.config.image_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=partial(_collate, processor))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=partial(collate_pairs, processor))
     generator = torch.Generator(device=device).manual_seed(seed)
     rows = [
         _batch_metrics(model, {k: v.to(device) for k, v in batch.items()}, classifier, generator) for batch in loader
@@ -460,7 +422,7 @@ class ImpureTrainer:
         # images of the model's size pass unchanged; others are resized and centre-cropped
         size = model.config.image_size
         self.processor = ImpureImageProcessor(crop_size=size, resize_shortest_edge=size)
-        collate = partial(_collate, self.processor)
+        collate = partial(collate_pairs, self.processor)
         train_loader = torch.utils.data.DataLoader(
             train_dataset, batch_size=config.batch_size, shuffle=self.sized, collate_fn=collate, num_workers=config.num_workers
         )
@@ -662,79 +624,6 @@ def train(
     return ImpureTrainer(config, model, train_dataset, eval_dataset, classifier).run()
 
 
-# Fine-tuning defaults (the release fine-tunes with a lower rate for fewer epochs); any
-# TrainingConfig field given to `finetune` overrides them.
-FINETUNE_DEFAULTS = dict(
-    perceptual_loss="classifier",
-    learning_rate=1e-5,
-    num_epochs=10,
-    warmup_epochs=1.0,
-    output_dir="outputs/impure-finetune",
-)
-
-
-def _check_label_set(dataset, classifier: nn.Module, num_classes: int) -> None:
-    """Labels of a ``datasets`` ClassLabel column must be the classifier's (same names, same order)."""
-    features = getattr(dataset, "features", None)
-    if features is None and isinstance(dataset, dict):  # a DatasetDict: every split has the same features
-        features = next(iter(dataset.values())).features
-    names = getattr((features or {}).get("label"), "names", None)
-    if names is None:
-        return
-    expected = getattr(classifier, "labels", None)
-    if expected is not None and list(names) != list(expected):
-        raise ValueError(
-            f"the dataset's labels ({len(names)} classes: {', '.join(names[:4])}, ...) are not the classifier's "
-            f"({len(expected)} classes: {', '.join(expected[:4])}, ...): build the pairs for this classifier "
-            "(impure_hf.finetuning.build_finetuning_dataset or `impure finetune` without --data)"
-        )
-    if len(names) != num_classes:
-        raise ValueError(f"the dataset has {len(names)} label classes but the classifier {num_classes} outputs")
-
-
-def finetune(
-    purifier: Union[ImpureModel, str],
-    classifier: Union[nn.Module, str],
-    dataset,
-    eval_dataset=None,
-    **config,
-) -> ImpureModel:
-    """Fine-tune a trained purifier for one target classifier (the paper's flexible perceptual loss).
-
-    Same trainer as [`train`], with fine-tuning defaults ([`FINETUNE_DEFAULTS`]): perceptual loss
-    on the classifier's own layers, lr 1e-5, 10 epochs, 1 warm-up epoch. Any [`TrainingConfig`]
-    field can be overridden (e.g. ``freeze_encoder=True``, ``perceptual_layers={...}``,
-    ``perceptual_loss="vgg19"``).
-
-    Args:
-        purifier: an ``ImpureModel`` or a preset name / folder / Hub id (``hub.load_purifier``).
-        classifier: the target: a module taking (N, 3, H, W) images in [0, 1] and returning
-            logits, e.g. ``ImageClassifier(model, input_size, mean, std, labels)`` for a network
-            that expects normalised input, or a name for ``classifiers.load_classifier``. Its
-            label set can be any (not only ImageNet). It is checked once on a batch of the
-            purifier's size; a mismatch raises a ValueError before training.
-        dataset: adversarial pairs (``clean``, ``adversarial``, optionally ``label`` that must
-            follow the classifier's labels): a ``datasets`` Dataset, a DatasetDict split by
-            ``train_split`` / ``eval_split``, a dataset folder / Hub id, or None for the
-            ``dataset`` option. Build them with ``impure_hf.finetuning.build_finetuning_dataset``.
-        eval_dataset: validation pairs (default: the DatasetDict's ``eval_split``).
-    """
-    if isinstance(purifier, str):
-        purifier = load_purifier(purifier)
-    if isinstance(classifier, str):
-        classifier = load_classifier(classifier)
-    num_classes = check_classifier(classifier, purifier.config.image_size)
-    settings = TrainingConfig.from_dict({**FINETUNE_DEFAULTS, **config})
-    if isinstance(dataset, (str, Path)):
-        settings.dataset, dataset = str(dataset), None
-    if dataset is None and settings.dataset is not None:
-        dataset = load_adversarial_dataset(settings.dataset, streaming=settings.streaming)
-    for data in (dataset, eval_dataset):
-        if data is not None:
-            _check_label_set(data, classifier, num_classes)
-    return train(settings, purifier, dataset, eval_dataset, classifier)
-
-
 # ---------------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``impure train``: ``--config`` and one flag per ``TrainingConfig`` field."""
@@ -779,18 +668,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     return run(parser.parse_args(argv))
 
 
+if __name__ == "__main__":
+    sys.exit(main())
+
 
 __all__ = [
-    "FINETUNE_DEFAULTS",
     "check_columns",
     "encoder_parameters",
-    "finetune",
     "ImpureTrainer",
     "train",
     "TrainingConfig",
     "validation_metrics",
 ]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,14 +21,11 @@ from torch import nn
 from impure_hf import ImpureModel
 from impure_hf.classifiers import ImageClassifier
 from impure_hf.data import OFFLINE_PHOTOS, load_adversarial_dataset, package_file
-from impure_hf.finetuning import (
-    PurifiedImageClassification,
-    adversarial_pairs,
-    build_finetuning_dataset,
-    class_indices,
-    purified_pipeline,
-)
-from impure_hf.train import encoder_parameters, finetune, validation_metrics
+from impure_hf.data import class_indices
+from impure_hf.defended import PurifiedImageClassification, purified_pipeline
+from impure_hf.finetuning import build_finetuning_dataset, finetune
+from impure_hf.image_processing_impure import ImpureImageProcessor
+from impure_hf.train import encoder_parameters, validation_metrics
 
 from conftest import tiny_model
 
@@ -53,9 +50,15 @@ def cifar10() -> ImageClassifier:
     return EXAMPLE.cifar10_classifier(input_size=32)
 
 
+def offline_pairs(classifier, folder, train_size: int, seed: int = 0, **kwargs):
+    """Adversarial train pairs of random crops of the offline photos, through the one dataset builder."""
+    return build_finetuning_dataset(classifier, "offline", folder, image_size=32, train_size=train_size, validation_size=1,
+                                    seed=seed, progress=False, **kwargs)["train"]
+
+
 @pytest.fixture(scope="module")
-def train_pairs(cifar10):
-    return adversarial_pairs(cifar10, photo_crops("train", 64), attacks=["pgd"], eps=8 / 255, progress=False)
+def train_pairs(cifar10, tmp_path_factory):
+    return offline_pairs(cifar10, tmp_path_factory.mktemp("pairs"), 64, attacks=["pgd"], eps=8 / 255)
 
 
 def parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -73,7 +76,7 @@ def test_finetuning_improves_purified_accuracy_for_a_10_class_classifier(tmp_pat
     from impure_hf.data import to_tensors
 
     # held out: other random crops (seed 1, not 0) of the training photos, never trained on
-    held_out = adversarial_pairs(cifar10, photo_crops("train", 64, seed=1), attacks=["pgd"], eps=8 / 255, progress=False)
+    held_out = offline_pairs(cifar10, tmp_path / "held-out", 64, seed=1, attacks=["pgd"], eps=8 / 255)
     assert train_pairs.features["label"].names == EXAMPLE.CIFAR10_LABELS == held_out.features["label"].names
     adversarial, labels = torch.stack(to_tensors(held_out[:])["adversarial"]), torch.tensor(held_out["label"])
     assert len(labels) == 64  # labels are the clean predictions: every image is attacked
@@ -148,8 +151,8 @@ def test_mismatched_classifiers_and_label_sets_fail_clearly(tmp_path, cifar10, t
     with pytest.raises(ValueError, match=r"must return \(N, num_classes\) logits.*got \(2, 4, 30, 30\)"):
         finetune(tiny_model(), features_only, data, max_steps=1, **common(tmp_path, "c"))
     # pairs labelled for another label set (here: a 5-class classifier's) are refused
-    five = adversarial_pairs(ImageClassifier(Net32(num_classes=5), 32, labels=list("abcde")), photo_crops("train", 2),
-                             attacks=["fgsm"], correct_only=False, progress=False)
+    five = offline_pairs(ImageClassifier(Net32(num_classes=5), 32, labels=list("abcde")), tmp_path / "five", 2,
+                         attacks=["fgsm"])
     with pytest.raises(ValueError, match=r"dataset's labels \(5 classes: a, b.*not the classifier's \(10 classes: airplane"):
         finetune(tiny_model(), cifar10, five, max_steps=1, **common(tmp_path, "d"))
     # a plain network (no timm model inside) needs its perceptual layers named
@@ -210,17 +213,26 @@ def test_cli_builds_image_folder_pairs_and_finetunes_a_custom_head(tmp_path, cif
     assert args.func(args) == 0
     pairs = load_adversarial_dataset(tmp_path / "run" / "pairs")
     assert pairs["train"].features["label"].names == EXAMPLE.CIFAR10_LABELS
-    assert len(pairs["train"]) + len(pairs["validation"]) == 12 and len(pairs["validation"]) >= 1
-    assert sorted(set(pairs["train"]["label"]) | set(pairs["validation"]["label"])) == sorted(set(predictions))
+    # the builder frames each file as every entry point does and attacks only what the classifier then
+    # still gets right (the paper's protocol): exactly those files, each with its folder's label
+    files = sorted((tmp_path / "images").rglob("*.png"))
+    framed = ImpureImageProcessor(crop_size=32)([Image.open(f) for f in files])["pixel_values"]
+    still_right = {f.relative_to(tmp_path / "images").as_posix(): label
+                   for f, label in zip(files, cifar10(framed).argmax(dim=1).tolist())
+                   if EXAMPLE.CIFAR10_LABELS[label] == f.parent.name}
+    built = {sid: label for split in ("train", "validation") for sid, label in zip(pairs[split]["source_id"], pairs[split]["label"])}
+    assert built == still_right and len(pairs["validation"]) >= 1
     summary = json.loads((tmp_path / "run" / "finetune_summary.json").read_text())
-    assert summary["images"] == len(pairs["validation"]) and 0 <= summary["after"]["top1"] <= 1
     tuned = ImpureModel.from_pretrained(tmp_path / "run")
+    # the summary reports the saved model on the held-out pairs
+    assert summary["images"] == len(pairs["validation"])
+    assert summary["after"]["top1"] == pytest.approx(validation_metrics(tuned, pairs["validation"], cifar10)["top1"])
     assert torch.equal(tuned.blocks[0].attn.qkv.weight, ImpureModel.from_pretrained(BASE).blocks[0].attn.qkv.weight)
 
     # a rerun with other settings does not silently reuse the pairs
     args = parser.parse_args([a if a != "8/255" else "4/255" for a in argv])
     assert args.func(args) == 2
-    assert "holds pairs built with other settings" in capsys.readouterr().err
+    assert "holds a build with other settings (differing: eps)" in capsys.readouterr().err
     # weights that do not fit the declared head are reported before anything is built
     argv[argv.index("--num-classes") + 1] = "5"
     argv[argv.index("--labels") : argv.index("--labels") + 2] = []

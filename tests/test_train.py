@@ -16,7 +16,8 @@ from PIL import Image
 
 from impure_hf import ImpureModel
 from impure_hf.data import package_file, random_photo_crops
-from impure_hf.train import TrainingConfig, config_from_args, encoder_parameters, finetune, train, validation_metrics
+from impure_hf.finetuning import finetune
+from impure_hf.train import TrainingConfig, config_from_args, encoder_parameters, train, validation_metrics
 
 from conftest import TINY, tiny_model
 

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from .._utils import iter_image_files
-from ..data import BUILD_DIR, foolbox_imagenet_samples, load_adversarial_dataset
+from ..data import BUILD_DIR, load_adversarial_dataset
+from ..photos import foolbox_imagenet_samples
 from ..image_processing_impure import ImpureImageProcessor
 
 
