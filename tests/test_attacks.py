@@ -17,10 +17,13 @@ from impure_hf.attacks import (
     TopKDeepFool,
     attack_images,
     attack_success,
+    make_adaptive_attack,
     make_attack,
     round_to_uint8,
 )
+from impure_hf.baselines import Purifier
 from impure_hf.classifiers import predict
+from impure_hf.defended import PurifiedClassifier
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +140,34 @@ def test_deepfool_survives_rounding(batch):
     assert torch.equal(round_to_uint8(safe), safe)
     assert attack_success(classifier, safe, labels).all()
     assert (safe - images).flatten(1).norm(dim=1).max() < 1.0  # still a small L2 perturbation
+
+
+class _NoisyIdentity(Purifier):
+    """A stochastic defence too faint to change the 64 px classifier's clean predictions (resize-pad,
+    and even noise of 1/255, change them at 64 px, and APGD leaves an image it cannot start from untouched)."""
+
+    name, stochastic = "noisy-identity", True
+
+    def transform(self, pixel_values, generator):
+        noise = torch.randn(pixel_values.shape, generator=generator, device=pixel_values.device)
+        return (pixel_values + 1e-4 * noise).clamp(0, 1)
+
+
+def test_autoattack_rand_runs_through_a_random_defence_with_eot(batch):
+    """The randomised AutoAttack the README's white-box numbers use: APGD-CE then APGD-DLR, each
+    with EOT over a stochastic defence, seeded so that a rerun crafts the same images."""
+    classifier, images, labels = batch
+
+    def craft() -> torch.Tensor:
+        # fresh defence randomness per run, as the harness seeds it per batch
+        defended = PurifiedClassifier(_NoisyIdentity(), classifier, generator=torch.Generator().manual_seed(0))
+        attack = make_adaptive_attack("autoattack-rand", defended, eps=DEFAULT_EPS, eot_samples=2, steps=3)
+        assert [(p.loss, p.eot_iter, p.steps) for p in attack.attacks] == [("ce", 2, 3), ("dlr", 2, 3)]
+        return attack_images(attack, images, labels, seed=0)
+
+    adversarial = craft()
+    torch.testing.assert_close(craft(), adversarial, rtol=0, atol=0)
+    assert (adversarial - images).abs().max() <= DEFAULT_EPS + 1e-6
+    # crafted through the random defence, every image is changed and fools the bare classifier
+    assert (adversarial != images).flatten(1).any(dim=1).all()
+    assert attack_success(classifier, adversarial, labels).all()
