@@ -163,3 +163,17 @@ def test_old_import_paths_are_thin_re_exports():
 def test_no_module_over_700_lines():
     long = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > 700}
     assert not long, f"modules over 700 lines: {long}"
+
+
+def test_package_data_globs_match_files_and_ship_the_card_template():
+    import configparser
+
+    from impure_hf.publishing import MODEL_CARD_TEMPLATE
+
+    config = configparser.ConfigParser()
+    config.read(PACKAGE.parent / "setup.cfg")
+    globs = [g.strip() for g in config["options.package_data"]["impure_hf"].split(",")]
+    matched = {g: sorted(PACKAGE.glob(g)) for g in globs}
+    assert all(matched.values()), f"package_data globs that match nothing: {[g for g, m in matched.items() if not m]}"
+    # `impure card` works from an installed wheel: its template is one of the shipped files
+    assert MODEL_CARD_TEMPLATE in {path for paths in matched.values() for path in paths}
