@@ -247,7 +247,8 @@ def attack_success(model: nn.Module, adversarial: torch.Tensor, labels: torch.Te
 ADAPTIVE_ATTACKS = ("pgd-eot", "autoattack-rand")
 
 
-def _paper_attack(name: str, model: nn.Module, eps: float, steps: Optional[int], **params):
+def paper_attack(name: str, model: nn.Module, eps: float, steps: Optional[int], **params):
+    """One of the nine attacks with the paper's settings, its number of steps overridden when given."""
     attack = make_attack(name, model, eps=eps, **params)
     if steps is not None and hasattr(attack, "steps"):  # one-step attacks (FGSM) keep theirs
         attack = make_attack(name, model, eps=eps, steps=steps, **params)
@@ -265,14 +266,14 @@ def make_adaptive_attack(name: str, model: nn.Module, eps: float, eot_samples: i
     averaged logits).
     """
     if name == "pgd-eot":
-        pgd = _paper_attack("pgd", model, eps, steps)
+        pgd = paper_attack("pgd", model, eps, steps)
         return torchattacks.EOTPGD(
             model, eps=pgd.eps, alpha=pgd.alpha, steps=pgd.steps, eot_iter=eot_samples, random_start=pgd.random_start
         )
     if name == "autoattack-rand":
-        parts = [_paper_attack(part, model, eps, steps, eot_iter=eot_samples) for part in ("apgd-ce", "apgd-dlr")]
+        parts = [paper_attack(part, model, eps, steps, eot_iter=eot_samples) for part in ("apgd-ce", "apgd-dlr")]
         return torchattacks.MultiAttack(parts)
-    return _paper_attack(name, model, eps, steps)
+    return paper_attack(name, model, eps, steps)
 
 
 __all__ = [
@@ -285,6 +286,7 @@ __all__ = [
     "check_eps",
     "make_adaptive_attack",
     "make_attack",
+    "paper_attack",
     "round_to_uint8",
     "TopKDeepFool",
 ]

@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._utils import process_state
-from ..attacks import ADAPTIVE_ATTACKS, ATTACK_NORMS, _paper_attack, attack_images, make_adaptive_attack, round_to_uint8
+from ..attacks import ADAPTIVE_ATTACKS, ATTACK_NORMS, paper_attack, attack_images, make_adaptive_attack, round_to_uint8
 from ..baselines import build_baseline
 from ..classifiers import load_classifier
 from ..defended import PurifiedClassifier, is_stochastic
@@ -330,7 +330,7 @@ class _Evaluation:
 
         if attack == CLEAN:
             return images, None, {"norm": None, "eps": None, "eps_255": None, "steps": 0, "eot_samples": None}
-        crafted = _paper_attack(attack, classifier, self.settings.eps, self.settings.steps)
+        crafted = paper_attack(attack, classifier, self.settings.eps, self.settings.steps)
         settings = _attack_settings(attack, crafted, 1)
         path = self._adversarial_cache(classifier.name, attack, batch, ids)
         if path is not None and path.exists():
