@@ -388,7 +388,7 @@ def build_app(
             image = image_box(label, f"{elem}-image", interactive=False)
             return image, gr.Label(num_top_classes=TOP_K, label=f"{label}: top 5", elem_id=f"{elem}-top")
 
-    size = demo.processor.crop_size
+    size = demo.processor.crop_size["height"]
     with gr.Blocks(title="IMPure: attack and purify", analytics_enabled=False, fill_width=True) as app:
         gr.Markdown(
             "# IMPure: attack an image, then purify it\n"

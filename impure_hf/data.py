@@ -86,7 +86,9 @@ COLUMNS = ("clean", "adversarial", "label", "attack", "classifier", "eps", "sour
 # Settings and per-shard statistics; a shard is finished once its statistics exist. Hidden, so
 # datasets' split detection (which matches "train-*" anywhere) never takes them for data.
 BUILD_DIR = ".build"
-FORMAT_VERSION = 1
+# 2: whole images framed by the processor's one rule (shortest edge = side, centre crop); a build of
+# version 1 (0.875 centre crop) is not resumed with the other framing
+FORMAT_VERSION = 2
 
 # per split: images (offline) or images per class (folders); None: all of them
 _DEFAULT_SIZES = {

@@ -235,7 +235,7 @@ def purified_pipeline(
     model = PurifiedImageClassification(config, purifier=purifier, classifier=classifier, generator=generator)
     if image_processor is None:
         size = purifier.config.image_size
-        image_processor = ImpureImageProcessor(crop_size=size, resize_shortest_edge=size)
+        image_processor = ImpureImageProcessor(crop_size=size)
     base_logger = logging.getLogger("transformers.pipelines.base")
     quiet = _DropUnsupportedModelMessage()
     base_logger.addFilter(quiet)

@@ -47,12 +47,20 @@ def to_pil_rgb(image: ImageLike) -> Image.Image:
 
 
 class ImpureImageProcessor(BaseImageProcessor):
-    r"""Resize the shortest edge, centre-crop to ``crop_size`` and rescale to [0, 1].
+    r"""The one preprocessing rule of every entry point (training, evaluation, ``impure purify``,
+    the page, Hub folders, the dataset builder): resize the shortest edge to
+    ``size["shortest_edge"]``, centre-crop to ``crop_size`` and rescale to [0, 1].
+
+    The default shortest edge is the crop side, so the whole short side of an image is kept (the
+    framing the trained weights were evaluated with); ``size={"shortest_edge": 256}`` with a 224
+    crop gives the usual ImageNet 0.875 centre crop.
 
     Args:
-        crop_size: output side (the model's ``image_size``).
-        resize_shortest_edge: shortest edge before cropping (default: ``crop_size * 256 / 224``,
-            the usual ImageNet ratio). Set ``do_resize=False`` to crop only.
+        crop_size: output side: an int or transformers' ``{"height": S, "width": S}`` (square, the
+            model's ``image_size``).
+        size: shortest edge before cropping: transformers' ``{"shortest_edge": N}`` or an int
+            (default: the crop side). ``resize_shortest_edge`` is its earlier name, still read
+            from saved configs. Set ``do_resize=False`` to crop only.
         resample: PIL resampling filter (default bicubic).
     """
 
@@ -60,37 +68,46 @@ class ImpureImageProcessor(BaseImageProcessor):
 
     def __init__(
         self,
-        crop_size: int = 224,
-        resize_shortest_edge: Optional[int] = None,
+        crop_size: Union[int, dict] = 224,
+        size: Union[int, dict, None] = None,
         do_resize: bool = True,
         do_center_crop: bool = True,
         resample: int = int(Image.Resampling.BICUBIC),
+        resize_shortest_edge: Optional[int] = None,
         **kwargs,
     ):
         # BaseImageProcessor.__init__ only stores extra kwargs; our attributes are explicit
         super().__init__(**kwargs)
-        if not isinstance(crop_size, int) or crop_size <= 0:
+        side = crop_size.get("height") if isinstance(crop_size, dict) else crop_size
+        if isinstance(crop_size, dict) and crop_size.get("width", side) != side:
+            raise ValueError(f"crop_size must be square (the model's image_size), got {crop_size}")
+        if not isinstance(side, int) or isinstance(side, bool) or side <= 0:
             raise ValueError(f"crop_size must be a positive integer, got {crop_size!r}")
-        self.crop_size = crop_size
-        self.resize_shortest_edge = resize_shortest_edge or round(crop_size * 256 / 224)
+        edge = size.get("shortest_edge") if isinstance(size, dict) else size
+        if edge is not None and resize_shortest_edge is not None and edge != resize_shortest_edge:
+            raise ValueError(f"size {size!r} and resize_shortest_edge {resize_shortest_edge} disagree; give size only")
+        edge = side if edge is None and resize_shortest_edge is None else (edge or resize_shortest_edge)
+        if not isinstance(edge, int) or isinstance(edge, bool) or edge <= 0:
+            raise ValueError(f"size must be a positive integer or {{'shortest_edge': N}}, got {size!r}")
+        self.crop_size = {"height": side, "width": side}
+        self.size = {"shortest_edge": edge}
         self.do_resize = do_resize
         self.do_center_crop = do_center_crop
         self.resample = int(resample)
 
     def _one(self, image: ImageLike) -> np.ndarray:
         pil = to_pil_rgb(image)
+        side = self.crop_size["height"]
         if self.do_resize:
             w, h = pil.size
-            scale = self.resize_shortest_edge / min(w, h)
+            scale = self.size["shortest_edge"] / min(w, h)
             pil = pil.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample=self.resample)
         if self.do_center_crop:
             w, h = pil.size
-            if min(w, h) < self.crop_size:
-                raise ValueError(
-                    f"image of size {w}x{h} is smaller than crop_size {self.crop_size}; enable do_resize"
-                )
-            left, top = (w - self.crop_size) // 2, (h - self.crop_size) // 2
-            pil = pil.crop((left, top, left + self.crop_size, top + self.crop_size))
+            if min(w, h) < side:
+                raise ValueError(f"image of size {w}x{h} is smaller than crop_size {side}; enable do_resize")
+            left, top = (w - side) // 2, (h - side) // 2
+            pil = pil.crop((left, top, left + side, top + side))
         return np.asarray(pil, dtype=np.float32).transpose(2, 0, 1) / 255.0
 
     def preprocess(self, images, return_tensors: Optional[str] = "pt", **kwargs) -> BatchFeature:

@@ -317,7 +317,7 @@ def validation_metrics(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    processor = ImpureImageProcessor(crop_size=model.config.image_size, resize_shortest_edge=model.config.image_size)
+    processor = ImpureImageProcessor(crop_size=model.config.image_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=partial(collate_pairs, processor))
     generator = torch.Generator(device=device).manual_seed(seed)
     rows = [
@@ -421,7 +421,7 @@ class ImpureTrainer:
 
         # images of the model's size pass unchanged; others are resized and centre-cropped
         size = model.config.image_size
-        self.processor = ImpureImageProcessor(crop_size=size, resize_shortest_edge=size)
+        self.processor = ImpureImageProcessor(crop_size=size)
         collate = partial(collate_pairs, self.processor)
         train_loader = torch.utils.data.DataLoader(
             train_dataset, batch_size=config.batch_size, shuffle=self.sized, collate_fn=collate, num_workers=config.num_workers

@@ -37,7 +37,7 @@ def test_save_pretrained_auto_round_trip(tmp_path):
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     processor = AutoImageProcessor.from_pretrained(tmp_path)
-    assert isinstance(processor, ImpureImageProcessor) and processor.crop_size == 32
+    assert isinstance(processor, ImpureImageProcessor) and processor.crop_size == {"height": 32, "width": 32}
 
 
 def test_remote_code_loads_without_importing_impure_hf(tmp_path):

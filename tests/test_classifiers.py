@@ -40,7 +40,7 @@ def test_efficientnet_lite0_classifies_foolbox_photos():
     assert not classifier.training and not any(p.requires_grad for p in classifier.parameters())
     images, labels = foolbox_batch(224)
     accuracy = (predict(classifier, images) == labels).float().mean().item()
-    assert accuracy >= 0.8, accuracy  # 18 of the 20 photos with these weights
+    assert accuracy >= 0.8, accuracy  # 17 of the 20 photos with these weights (the processor's rule)
 
 
 def test_forward_resizes_and_normalises():

@@ -145,13 +145,13 @@ def test_imagenet_folder_selection_and_undecodable_files(tmp_path):
     broken = root / "train" / IMAGENET_SYNSETS[samples[0][1]] / "broken.JPEG"
     broken.write_bytes(b"not a jpeg")
 
-    classifier = lite0_small(128)  # right on 2 of the 4 train photos: both selection outcomes occur
+    classifier = lite0_small(144)  # right on 2 of the 4 train photos: both selection outcomes occur
     out = build_adversarial_dataset(
         tmp_path / "out", classifier, attacks=["fgsm"], source=root, train_size=1, validation_size=1, test_size=1,
         shard_size=2, progress=False,
     )
     dataset = load_adversarial_dataset(out)
-    correct = int((predict(classifier, foolbox_batch(128, n=4)[0]) == torch.tensor([l for _, l in samples])).sum())
+    correct = int((predict(classifier, foolbox_batch(144, n=4)[0]) == torch.tensor([l for _, l in samples])).sum())
     card = (out / "README.md").read_text()  # train: one image per class if classified right; the broken file counted
     name = classifier.name
     assert f"| train | {correct} | {name}: {correct} | {name}: {4 - correct} | 1 |" in card

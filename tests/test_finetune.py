@@ -253,7 +253,7 @@ def test_pipeline_runs_the_purified_classifier(cifar10):
     photos = [Image.open(package_file(name)).convert("RGB") for name in OFFLINE_PHOTOS["validation"]]
     pipe = purified_pipeline(purifier, cifar10, generator=torch.Generator().manual_seed(0), top_k=10)
     results = pipe(photos)
-    pixel_values = ImpureImageProcessor(crop_size=32, resize_shortest_edge=32)(photos)["pixel_values"]
+    pixel_values = ImpureImageProcessor(crop_size=32)(photos)["pixel_values"]
     generator = torch.Generator().manual_seed(0)  # the pipeline runs one image at a time on one noise stream
     with torch.no_grad():
         expected = torch.cat([PurifiedClassifier(purifier, cifar10)(x[None], generator=generator) for x in pixel_values])
@@ -266,7 +266,7 @@ def test_pipeline_runs_the_purified_classifier(cifar10):
 
     # the two-line alternative: the model class in transformers' own pipeline
     model = PurifiedImageClassification(purifier=purifier, classifier=cifar10, generator=torch.Generator().manual_seed(0))
-    direct = pipeline("image-classification", model=model, image_processor=ImpureImageProcessor(crop_size=32, resize_shortest_edge=32))
+    direct = pipeline("image-classification", model=model, image_processor=ImpureImageProcessor(crop_size=32))
     assert [r[0]["label"] for r in direct(photos)] == [r[0]["label"] for r in results]
     output = model(pixel_values, labels=torch.zeros(len(photos), dtype=torch.long))
     assert output.logits.shape == (len(photos), 10) and output.loss.item() > 0

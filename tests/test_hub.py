@@ -71,7 +71,9 @@ def test_publish_dry_run_builds_a_complete_pickle_free_folder(hub_folder, source
         "AutoModel": "modeling_impure.ImpureModel",
         "AutoImageProcessor": "image_processing_impure.ImpureImageProcessor",
     }
-    assert json.loads((hub_folder / "preprocessor_config.json").read_text())["crop_size"] == source[1].config.image_size
+    side = source[1].config.image_size
+    saved = json.loads((hub_folder / "preprocessor_config.json").read_text())
+    assert (saved["crop_size"], saved["size"]) == ({"height": side, "width": side}, {"shortest_edge": side})
     check_hub_folder(hub_folder)
     card = validate_model_card(hub_folder / "README.md")
     assert card.data.license == "apache-2.0" and card.data.pipeline_tag == "image-to-image"
@@ -189,7 +191,7 @@ def test_automodel_from_repo_id_offline_without_impure_hf(hub_folder, source, tm
         processor = AutoImageProcessor.from_pretrained("impure-hf/impure-vit-tiny", trust_remote_code=True)
         assert "impure_hf" not in sys.modules, "impure_hf was imported"
         assert not type(model).__module__.startswith("impure_hf"), type(model).__module__
-        assert type(processor).__name__ == "ImpureImageProcessor" and processor.crop_size == 32
+        assert type(processor).__name__ == "ImpureImageProcessor" and processor.crop_size == {{"height": 32, "width": 32}}
         x = torch.load({str(tmp_path / "x.pt")!r})
         out = model(x, generator=torch.Generator().manual_seed(3)).purified_pixel_values
         torch.save(out, {str(tmp_path / "out.pt")!r})

@@ -30,9 +30,14 @@ def test_pil_numpy_torch_agree(astronaut):
 
 def test_non_square_is_resized_then_centre_cropped():
     photo = data.coffee()  # 400 x 600
-    out = ImpureImageProcessor(crop_size=224)(photo)["pixel_values"]
+    out = ImpureImageProcessor(crop_size=224)(photo)["pixel_values"]  # the one rule: shortest edge = crop side
     assert out.shape == (1, 3, 224, 224)
-    resized = Image.fromarray(photo).resize((384, 256), Image.BICUBIC)  # shortest edge 256
+    resized = Image.fromarray(photo).resize((336, 224), Image.BICUBIC)
+    expected = np.asarray(resized.crop((56, 0, 280, 224)), dtype=np.float32) / 255
+    torch.testing.assert_close(out[0], torch.from_numpy(expected).permute(2, 0, 1))
+    # transformers-style sizes: the ImageNet 0.875 centre crop
+    out = ImpureImageProcessor(crop_size={"height": 224, "width": 224}, size={"shortest_edge": 256})(photo)["pixel_values"]
+    resized = Image.fromarray(photo).resize((384, 256), Image.BICUBIC)
     expected = np.asarray(resized.crop((80, 16, 304, 240)), dtype=np.float32) / 255
     torch.testing.assert_close(out[0], torch.from_numpy(expected).permute(2, 0, 1))
 
@@ -60,9 +65,12 @@ def test_batch_and_post_process_round_trip(astronaut):
 
 
 def test_save_load(tmp_path):
-    ImpureImageProcessor(crop_size=96, resize_shortest_edge=100).save_pretrained(tmp_path)
+    ImpureImageProcessor(crop_size=96, size={"shortest_edge": 100}).save_pretrained(tmp_path)
     loaded = ImpureImageProcessor.from_pretrained(tmp_path)
-    assert (loaded.crop_size, loaded.resize_shortest_edge) == (96, 100)
+    assert (loaded.crop_size, loaded.size) == ({"height": 96, "width": 96}, {"shortest_edge": 100})
+    # a config saved before the transformers-style keys (int crop_size, resize_shortest_edge) still loads
+    old = ImpureImageProcessor.from_dict({"crop_size": 96, "resize_shortest_edge": 100})
+    assert (old.crop_size, old.size) == (loaded.crop_size, loaded.size)
 
 
 def test_bad_inputs():
@@ -75,3 +83,7 @@ def test_bad_inputs():
         processor(["not an image"])
     with pytest.raises(ValueError, match="crop_size"):
         ImpureImageProcessor(crop_size=0)
+    with pytest.raises(ValueError, match="square"):
+        ImpureImageProcessor(crop_size={"height": 32, "width": 48})
+    with pytest.raises(ValueError, match="size"):
+        ImpureImageProcessor(crop_size=32, size={"shortest_edge": -1})

@@ -54,7 +54,8 @@ def load_eval_images(
       images of ``split`` and their labels (the attacks are crafted again here, so every threat
       model uses the same settings).
 
-    Images are resized (shortest edge) and centre-cropped to ``image_size``.
+    Images are framed by ``ImpureImageProcessor``'s one rule: shortest edge resized to
+    ``image_size``, centre crop.
     """
 
     if data is not None and _is_dataset(str(data)):
@@ -72,7 +73,7 @@ def load_eval_images(
         ids = [path.stem for path in files]
     if not images:
         raise ValueError(f"no images found in {source}")
-    processor = ImpureImageProcessor(crop_size=image_size, resize_shortest_edge=image_size)
+    processor = ImpureImageProcessor(crop_size=image_size)
     pixel_values = processor(images)["pixel_values"]
     label_tensor = torch.tensor(labels) if all(label is not None for label in labels) else None
     return EvalImages(pixel_values, label_tensor, ids, source)
