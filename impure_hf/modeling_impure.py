@@ -398,8 +398,10 @@ class ImpureModel(ImpurePreTrainedModel):
             ox = _randint(0, grid - w + 1, (batch,), generator, device)
             oy = _randint(0, grid - h + 1, (batch,), generator, device)
             return torch.stack([oy, ox], dim=1), True
-        # eval (or an input larger than the grid): centred, floor division
-        oy, ox = (grid - h) // 2, (grid - w) // 2
+        # eval (or an input larger than the grid): centred; an odd gap's spare cell goes below/right
+        # ("floor") or above/left ("ceil": the release's delta // 2 with delta = grid - h + 1)
+        up = int(self.config.eval_window_rounding == "ceil")
+        oy, ox = (grid - h + up) // 2, (grid - w + up) // 2
         return torch.tensor([oy, ox], device=device).expand(batch, 2), oy >= 0 and ox >= 0
 
     def _positions(self, table: torch.Tensor, offset: torch.Tensor, inside: bool, h: int, w: int) -> torch.Tensor:
