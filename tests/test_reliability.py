@@ -82,3 +82,75 @@ def test_corrupt_json_is_named(tmp_path):
     path.write_text('{"accuracy": 0.')
     with pytest.raises(CorruptFileError, match=str(path)):
         read_json(path)
+
+
+# ---------------------------------------------------------------------------------- training runs
+def _run_files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _steps(folder: Path) -> list[int]:
+    """global_step of each complete checkpoint, oldest first."""
+    import json
+
+    found = sorted((folder / "checkpoints").glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[1]))
+    return [json.loads((p / "trainer_state.json").read_text())["global_step"] for p in found]
+
+
+def test_train_refuses_a_previous_run_and_overwrite_replaces_it(tmp_path):
+    from test_train import config, pair_dataset
+
+    from impure_hf.cli import main as cli_main
+    from impure_hf.train import train
+
+    data = pair_dataset(4)
+    settings = dict(max_steps=2, save_steps=1, total_limit=1, eval_split=None)
+    train(config(tmp_path, **settings), tiny_model(), data)
+    run = tmp_path / "run"
+    before = _run_files(run)
+    assert _steps(run) == [2]  # total_limit 1: only the newest checkpoint
+    with pytest.raises(FileExistsError, match=r"previous run \(checkpoints.*--resume latest.*--overwrite-output-dir"):
+        train(config(tmp_path, **settings), tiny_model(seed=1), data)
+    assert cli_main(["train", "--output-dir", str(run), "--report-to", "none"]) == 2
+    assert _run_files(run) == before  # nothing was touched
+    # a stale checkpoint of the old run must not survive beside the new run's
+    (run / "checkpoints" / "checkpoint_7").mkdir()
+    (run / "checkpoints" / "checkpoint_7" / "trainer_state.json").write_text('{"global_step": 99}')
+    train(config(tmp_path, overwrite_output_dir=True, **settings, seed=4), tiny_model(seed=1), data)
+    assert _steps(run) == [2]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint_1"]  # numbering restarted
+    assert _run_files(run)["model.safetensors"] != before["model.safetensors"]
+
+
+def test_kill_during_checkpoint_save_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """--total-limit 1 and a save cut short: the previous checkpoint survives and resume continues exactly."""
+    from accelerate import Accelerator
+    from test_train import config, pair_dataset
+
+    from impure_hf.train import train
+
+    data = pair_dataset(4)
+    settings = dict(max_steps=2, save_steps=1, total_limit=1, eval_split=None)
+    straight = train(config(tmp_path, "straight", **settings), tiny_model(), data)
+
+    original, calls = Accelerator.save_state, []
+
+    def killed_on_second_save(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        result = original(self, output_dir, **kwargs)  # model and optimizer written ...
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")  # ... but the trainer state never is
+        return result
+
+    monkeypatch.setattr(Accelerator, "save_state", killed_on_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path, "killed", **settings), tiny_model(), data)
+    monkeypatch.undo()
+    run = tmp_path / "killed"
+    assert _steps(run) == [1]  # the old checkpoint was not rotated away before the new one was complete
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")] == [".checkpoint_1.tmp"]
+    resumed = train(config(tmp_path, "killed", resume="latest", **settings), tiny_model(seed=9), data)
+    assert _steps(run) == [2]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # the leftover is gone
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
