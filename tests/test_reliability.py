@@ -154,3 +154,166 @@ def test_kill_during_checkpoint_save_keeps_the_last_checkpoint(tmp_path, monkeyp
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # the leftover is gone
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------------------------- purify's files
+class _Identity(torch.nn.Module):
+    """A purifier that returns its input: the outputs then show exactly what the model was fed."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def purify(self, pixel_values, generator=None):
+        return pixel_values
+
+
+def _png_bytes(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _mixed_folder(root: Path) -> dict[str, str]:
+    """Files of every kind users have; returns {relative path: expected outcome}."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import real_photos
+
+    root.mkdir()
+    photo = Image.fromarray((real_photos(48, 1)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    expected = {}
+
+    def put(name, outcome, write):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+        expected[name] = outcome
+
+    put("photo.png", "photo_png_purified.png", lambda p: photo.save(p))  # clashes with photo.jpg
+    put("photo.jpg", "photo_jpg_purified.png", lambda p: photo.save(p, quality=95))
+    put("sub1/x.png", "sub1/x_purified.png", lambda p: photo.save(p))  # clashes with sub2/x.png but for the folder
+    put("sub2/x.png", "sub2/x_purified.png", lambda p: photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(p))
+    put("truncated.png", "failed", lambda p: p.write_bytes(_png_bytes(photo)[:300]))
+    put("zero.png", "failed", lambda p: p.write_bytes(b""))
+    put("text.png", "failed", lambda p: p.write_text("this is not an image\n"))
+    put("huge.png", "failed", lambda p: Image.new("L", (100, 100)).save(p))  # over MAX_IMAGE_PIXELS (set by the test)
+    ramp = np.tile(np.linspace(0, 1, 48), (48, 1))
+    put("grey16.png", "grey16_png_purified.png", lambda p: Image.fromarray((ramp * 65535).round().astype(np.uint16)).save(p))
+    put("grey16.tif", "grey16_tif_purified.png", lambda p: Image.fromarray((ramp * 65535).round().astype(np.uint16)).save(p))
+    put("float.tiff", "float_purified.png", lambda p: Image.fromarray(ramp.astype(np.float32)).save(p))
+    put("cmyk.jpg", "cmyk_purified.png", lambda p: Image.new("CMYK", (48, 48), (255, 0, 0, 0)).save(p, quality=95))
+    palette = Image.new("P", (48, 48), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    put("palette.png", "palette_purified.png", lambda p: palette.save(p))
+    put("rgba.png", "rgba_purified.png", lambda p: Image.new("RGBA", (48, 48), (255, 0, 0, 0)).save(p))
+    # stored 48 wide x 24 high, left black and right white; EXIF orientation 6: displayed turned 90 degrees clockwise
+    sideways = Image.new("L", (48, 24), 0)
+    sideways.paste(255, (24, 0, 48, 24))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+
+    put("phone.jpg", "phone_purified.png", lambda p: sideways.save(p, exif=exif, quality=95))
+    frames = [Image.new("RGB", (48, 48), c) for c in ((0, 255, 0), (0, 0, 255))]
+    put("anim.gif", "anim_purified.png", lambda p: frames[0].save(p, save_all=True, append_images=frames[1:]))
+    put("notes.txt", "ignored", lambda p: p.write_text("not an image"))
+    return expected
+
+
+def _pixels(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+
+
+def test_purify_folder_of_every_kind(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from impure_hf.image_processing_impure import ImpureImageProcessor
+    from impure_hf.purify import MARKER, purify_files
+
+    expected = _mixed_folder(tmp_path / "in")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2500)  # 100x100 is over twice this: DecompressionBombError
+    out, lines = tmp_path / "out", []
+    summary = purify_files([tmp_path / "in"], out, _Identity(), ImpureImageProcessor(crop_size=32), log=lines.append, progress=False)
+
+    written = sorted(str(p.relative_to(out)) for p in summary.written)
+    assert written == sorted(v for v in expected.values() if v not in ("failed", "ignored"))
+    assert sorted(p.name for p, _ in summary.failed) == ["huge.png", "text.png", "truncated.png", "zero.png"]
+    assert [p.name for p in summary.ignored] == ["notes.txt"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == written  # nothing else, no temporaries
+    assert len(lines) == 4 and all(line.count("\n") == 0 for line in lines)
+    assert any("huge.png" in line and "decompression-bomb" in line for line in lines)
+    # every output carries the marker that lets a rerun skip it
+    assert all(MARKER in Image.open(p).info for p in summary.written)
+
+    got = {name: _pixels(out / target) for name, target in expected.items() if target not in ("failed", "ignored")}
+    for name in ("grey16.png", "grey16.tif", "float.tiff"):  # a 0..1 ramp: mid-grey on average, not white or black
+        assert abs(got[name].mean() - 127.5) < 6, name
+        assert got[name][:, 0].mean() < 40 and got[name][:, -1].mean() > 215, name
+    assert got["cmyk.jpg"].mean(axis=(0, 1)) == pytest.approx([0, 255, 255], abs=12)  # cyan
+    assert got["palette.png"].mean(axis=(0, 1)) == pytest.approx([255, 0, 0], abs=1)
+    assert got["rgba.png"].min() == 255  # fully transparent: white, not the hidden red or black
+    assert got["anim.gif"].mean(axis=(0, 1)) == pytest.approx([0, 255, 0], abs=2)  # the first frame
+    phone = got["phone.jpg"]  # turned upright: the black half on top
+    assert phone[:12].mean() < 30 and phone[-12:].mean() > 225
+    assert abs(phone[:, :12].mean() - phone[:, -12:].mean()) < 10
+    assert not (got["sub1/x.png"] == got["sub2/x.png"]).all()  # both kept, each from its own input
+
+
+def test_purify_never_overwrites_and_skips_its_outputs(tmp_path):
+    from PIL import Image
+
+    from impure_hf.image_processing_impure import ImpureImageProcessor
+    from impure_hf.purify import purify_files
+
+    from conftest import real_photos
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = Image.fromarray((real_photos(32, 1)[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    photo.save(folder / "a.png")
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(folder / "a_purified.png")  # the user's own file
+    mine = (folder / "a_purified.png").read_bytes()
+    processor = ImpureImageProcessor(crop_size=32)
+
+    def run(**kwargs):
+        return purify_files([folder], folder, _Identity(), processor, log=lambda line: None, progress=False, **kwargs)
+
+    first = run()
+    assert (folder / "a_purified.png").read_bytes() == mine  # not overwritten
+    assert [p.name for p in first.kept] == ["a.png"]
+    assert [p.name for p in first.written] == ["a_purified_purified.png"]  # the user's file is an input like any other
+    second = run()  # --out is the input folder: the earlier output is skipped, not purified again
+    assert [p.name for p in second.skipped] == ["a_purified_purified.png"] and not second.written
+    assert not (folder / "a_purified_purified_purified.png").exists()
+    third = run(overwrite=True)  # replaces the user's file; outputs (now both) are still never inputs
+    assert [p.name for p in third.written] == ["a_purified.png"]
+    assert sorted(p.name for p in third.skipped) == ["a_purified.png", "a_purified_purified.png"]
+    assert (folder / "a_purified.png").read_bytes() != mine
+
+
+def test_purify_command_exit_codes_and_summary(saved, tmp_path, capsys):
+    from PIL import Image
+
+    from impure_hf.cli import main as cli_main
+
+    folder, _ = saved
+    images = tmp_path / "in"
+    images.mkdir()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(images / "ok.png")
+    assert cli_main(["purify", str(images), "--out", str(tmp_path / "out"), "--model", str(folder)]) == 0
+    assert (tmp_path / "out" / "ok_purified.png").is_file()
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    assert cli_main(["purify", str(images), "--out", str(tmp_path / "out"), "--model", str(folder)]) == 1
+    captured = capsys.readouterr()
+    assert "skipping" in captured.err and "broken.png" in captured.err and "Traceback" not in captured.err
+    assert "purified 0 image(s)" in captured.out and "1 kept" in captured.out and "1 failed" in captured.out
+    assert cli_main(["purify", str(images), "--out", str(tmp_path / "o2"), "--size", "0"]) == 2
+    assert "--size must be a positive integer" in capsys.readouterr().err
+    assert cli_main(["purify", str(tmp_path / "nothing"), "--out", str(tmp_path / "o3")]) == 2
+    assert "no such image file or folder" in capsys.readouterr().err
