@@ -317,3 +317,82 @@ def test_purify_command_exit_codes_and_summary(saved, tmp_path, capsys):
     assert "--size must be a positive integer" in capsys.readouterr().err
     assert cli_main(["purify", str(tmp_path / "nothing"), "--out", str(tmp_path / "o3")]) == 2
     assert "no such image file or folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- image processor
+def test_processor_scales_modes_by_range_and_rejects_floats_out_of_range():
+    import numpy as np
+    from PIL import Image
+
+    from impure_hf.image_processing_impure import ImpureImageProcessor
+
+    processor = ImpureImageProcessor(crop_size=32, do_resize=False)
+    ramp = np.tile(np.linspace(0, 1, 32), (32, 1))
+    images = {
+        "I;16": Image.fromarray((ramp * 65535).round().astype(np.uint16)),
+        "I": Image.fromarray((ramp * 65535).round().astype(np.int32)),
+        "F": Image.fromarray(ramp.astype(np.float32)),
+        "uint16 array": (ramp * 65535).round().astype(np.uint16),
+    }
+    for name, image in images.items():
+        pixels = processor(image)["pixel_values"][0]
+        assert image is images["uint16 array"] or image.mode == name
+        torch.testing.assert_close(pixels[0], torch.from_numpy(ramp).float(), atol=0.5 / 255 + 1e-6, rtol=0, msg=name)
+    with pytest.raises(ValueError, match=r"float images must lie in \[0, 1\], got values in \[0, 255\] \(0\.\.255 data: divide by 255\)"):
+        processor((ramp * 255).astype(np.float32))
+    with pytest.raises(ValueError, match=r"\[-0\.5, 1\]"):
+        processor(torch.from_numpy(ramp - 0.5 * (ramp == 0)).float().expand(3, -1, -1))
+
+
+# ---------------------------------------------------------------------------------- corrupt caches
+def test_corrupt_evaluation_caches_are_named_and_rebuilt(tmp_path):
+    from impure_hf.classifiers import load_classifier
+    from impure_hf.evaluate import evaluate, load_eval_images
+
+    settings = dict(
+        classifiers=[load_classifier("efficientnet_lite0")], baselines=["identity"], data=load_eval_images(max_images=2),
+        attacks=["fgsm"], threat_models=["black-box"], batch_size=2, panels=0, progress=False, out_dir=tmp_path,
+    )
+    first = evaluate(**settings)
+    cell = sorted((tmp_path / "cells").glob("*__fgsm__*.json"))[0]  # recomputing it needs the adversarial batch
+    before = read_json(cell)
+    adversarial = next((tmp_path / "adversarial").rglob("*.safetensors"))
+    cell.write_text(cell.read_text()[:20])  # a half-written cache, as an in-place write killed midway leaves
+    adversarial.write_bytes(adversarial.read_bytes()[:100])
+    with pytest.warns(UserWarning) as caught:
+        again = evaluate(**settings)
+    messages = " ".join(str(w.message) for w in caught)
+    assert str(cell) in messages and str(adversarial) in messages
+    strip = lambda cells: [{k: v for k, v in c.items() if k != "seconds"} for c in cells]  # noqa: E731
+    assert strip(again["cells"]) == strip(first["cells"])
+    assert {k: v for k, v in read_json(cell).items() if k != "seconds"} == {k: v for k, v in before.items() if k != "seconds"}
+    assert load_file(str(adversarial))["adversarial"].shape[0] == 2
+
+
+def test_resume_latest_skips_a_corrupt_trainer_state(tmp_path):
+    from impure_hf.train import TrainingConfig, _find_checkpoint
+
+    for index, text in ((0, '{"global_step": 1}'), (1, '{"global_st')):
+        folder = tmp_path / "checkpoints" / f"checkpoint_{index}"
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(text)
+    with pytest.warns(UserWarning, match=r"checkpoint_1/trainer_state\.json is corrupt"):
+        found = _find_checkpoint(TrainingConfig(output_dir=str(tmp_path), resume="latest"))
+    assert found.name == "checkpoint_0"
+
+
+def test_make_dataset_rebuilds_a_corrupt_shard_and_names_a_corrupt_config(tmp_path, caplog):
+    from impure_hf.data import BUILD_DIR, _prepare_output, _shard_done
+
+    settings = {"seed": 0, "eps": 0.06}
+    _prepare_output(tmp_path, settings, overwrite=False)
+    assert read_json(tmp_path / BUILD_DIR / "config.json") == settings
+    stats = tmp_path / BUILD_DIR / "train-00000.json"
+    atomic_write_json(stats, {"rows": 3})
+    assert _shard_done(stats)
+    stats.write_text('{"rows"')
+    assert not _shard_done(stats)  # built again
+    assert str(stats) in caplog.text
+    (tmp_path / BUILD_DIR / "config.json").write_text('{"seed": 0, "ep')
+    with pytest.raises(CorruptFileError, match=r"\.build/config\.json is corrupt.*--overwrite"):
+        _prepare_output(tmp_path, settings, overwrite=False)
