@@ -396,3 +396,31 @@ def test_make_dataset_rebuilds_a_corrupt_shard_and_names_a_corrupt_config(tmp_pa
     (tmp_path / BUILD_DIR / "config.json").write_text('{"seed": 0, "ep')
     with pytest.raises(CorruptFileError, match=r"\.build/config\.json is corrupt.*--overwrite"):
         _prepare_output(tmp_path, settings, overwrite=False)
+
+
+# ---------------------------------------------------------------------------------- smaller items
+def test_convert_names_the_problem_of_pickles_random_bytes_and_empty_files(tmp_path):
+    import os
+    import pickle
+
+    from impure_hf.convert import load_release_checkpoint
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "EXECUTED"),))
+
+    torch.save({"model": {}, "x": Payload()}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    (tmp_path / "raw.pkl").write_bytes(pickle.dumps({"model": {}, "x": Payload()}))
+    (tmp_path / "random.pth").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    for name in ("legacy.pth", "raw.pkl"):
+        with pytest.raises(ValueError, match=r"pickles (posix|os)\.system.*--trust-checkpoint"):
+            load_release_checkpoint(tmp_path / name)
+    with pytest.raises(ValueError, match=r"random\.pth is not a PyTorch checkpoint"):
+        load_release_checkpoint(tmp_path / "random.pth")
+    with pytest.raises(ValueError, match=r"empty\.pth is empty"):
+        load_release_checkpoint(tmp_path / "empty.pth")
+    assert not (tmp_path / "EXECUTED").exists()
+    # a legacy-format checkpoint of plain tensors still loads
+    torch.save({"model": {"w": torch.arange(3.0)}}, tmp_path / "plain.pth", _use_new_zipfile_serialization=False)
+    assert torch.equal(load_release_checkpoint(tmp_path / "plain.pth")["model"]["w"], torch.arange(3.0))
