@@ -424,3 +424,11 @@ def test_convert_names_the_problem_of_pickles_random_bytes_and_empty_files(tmp_p
     # a legacy-format checkpoint of plain tensors still loads
     torch.save({"model": {"w": torch.arange(3.0)}}, tmp_path / "plain.pth", _use_new_zipfile_serialization=False)
     assert torch.equal(load_release_checkpoint(tmp_path / "plain.pth")["model"]["w"], torch.arange(3.0))
+
+
+def test_model_names_float64_and_empty_batches():
+    model = tiny_model().eval()
+    with pytest.raises(TypeError, match=r"dtype torch\.float64 but the model torch\.float32.*\.to\(model\.dtype\)"):
+        model(torch.rand(1, 3, 32, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"empty batch \(shape \(0, 3, 32, 32\)\)"):
+        model(torch.rand(0, 3, 32, 32))
