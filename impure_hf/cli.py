@@ -8,7 +8,6 @@ import argparse
 import importlib
 import importlib.util
 import sys
-from pathlib import Path
 from typing import Optional
 
 _SUBCOMMAND_MODULES = (

@@ -32,7 +32,6 @@ shards; the main process writes the dataset card (README.md) with counts and suc
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import random
@@ -46,7 +45,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ._utils import CorruptFileError, atomic_write_json, read_json
+from ._utils import CorruptFileError, atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -688,7 +687,7 @@ def _write_card(out: Path, settings: dict, plan: list[_Shard]) -> None:
             + ".",
             "",
         ]
-    DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)).save(out / "README.md")
+    atomic_write_text(out / "README.md", str(DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))))
 
 
 # ------------------------------------------------------------------------------- loading

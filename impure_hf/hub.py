@@ -27,6 +27,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ._utils import atomic_write_text
 from .configuration_impure import PRESETS
 from .modeling_impure import ImpureModel
 
@@ -428,12 +429,12 @@ def save_hub_folder(
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
     config.setdefault("auto_map", {})["AutoImageProcessor"] = "image_processing_impure.ImpureImageProcessor"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in REMOTE_CODE_FILES:  # save_pretrained copies them; make sure of it on every version
         if not (out / name).exists():
             shutil.copy(Path(__file__).parent / name, out / name)
     card = card if card is not None else build_model_card(model, repo_id, **card_kwargs)
-    (out / "README.md").write_text(str(card), encoding="utf-8")
+    atomic_write_text(out / "README.md", str(card))
     check_hub_folder(out)
     return out
 
@@ -552,7 +553,7 @@ def add_to_hf_cache(
         except OSError:
             shutil.copyfile(blob, pointer)
     (storage / "refs").mkdir(parents=True, exist_ok=True)
-    (storage / "refs" / revision).write_text(commit_hash)
+    atomic_write_text(storage / "refs" / revision, commit_hash)
     return snapshot
 
 
@@ -595,7 +596,7 @@ def _card(args: argparse.Namespace) -> int:
     repo_id = args.repo_id or HUB_REPO_IDS["impure-vit-tiny"]
     card = build_model_card(model, repo_id, **_card_kwargs(args))
     out = Path(args.out) if args.out else model_dir / "README.md"
-    out.write_text(str(card), encoding="utf-8")
+    atomic_write_text(out, str(card))
     validate_model_card(out)
     print(f"model card written to {out}")
     return 0

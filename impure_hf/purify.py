@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
