@@ -112,6 +112,11 @@ def test_train_refuses_a_previous_run_and_overwrite_replaces_it(tmp_path):
     with pytest.raises(FileExistsError, match=r"previous run \(checkpoints.*--resume latest.*--overwrite-output-dir"):
         train(config(tmp_path, **settings), tiny_model(seed=1), data)
     assert cli_main(["train", "--output-dir", str(run), "--report-to", "none"]) == 2
+    from impure_hf.cli import build_parser
+    from impure_hf.train import config_from_args
+
+    parsed = build_parser().parse_args(["train", "--output-dir", str(run), "--overwrite-output-dir"])
+    assert config_from_args(parsed).overwrite_output_dir is True
     assert _run_files(run) == before  # nothing was touched
     # a stale checkpoint of the old run must not survive beside the new run's
     (run / "checkpoints" / "checkpoint_7").mkdir()
@@ -317,6 +322,11 @@ def test_purify_command_exit_codes_and_summary(saved, tmp_path, capsys):
     assert "--size must be a positive integer" in capsys.readouterr().err
     assert cli_main(["purify", str(tmp_path / "nothing"), "--out", str(tmp_path / "o3")]) == 2
     assert "no such image file or folder" in capsys.readouterr().err
+    # a checkpoint with a missing tensor: refused with one line naming it, nothing written
+    broken = _edit_weights(folder, tmp_path / "broken", drop=["blocks.0.attn.qkv.weight"])
+    assert cli_main(["purify", str(images), "--out", str(tmp_path / "o4"), "--model", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert "blocks.0.attn.qkv.weight" in err and "Traceback" not in err and not (tmp_path / "o4").exists()
 
 
 # ---------------------------------------------------------------------------------- image processor
