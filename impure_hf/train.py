@@ -626,8 +626,10 @@ class ImpureTrainer:
     def load_checkpoint(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
+        # the trainer state is written last: read it first, so an incomplete checkpoint is named
+        state = read_json(folder / TRAINER_STATE, hint="resume from another checkpoint")
         self.accelerator.load_state(str(folder))
-        self.state = read_json(folder / TRAINER_STATE, hint="resume from another checkpoint")
+        self.state = state
         generator_file = folder / f"generator_{self.accelerator.process_index}.safetensors"
         self.generator.set_state(load_file(str(generator_file))["state"])
         self.accelerator.print(f"resumed from {folder} at step {self.state['global_step']}")
@@ -903,7 +905,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     try:
         train(config)
-    except FileExistsError as err:  # a previous run in --output-dir: a message, not a traceback
+    except (FileExistsError, CorruptFileError) as err:  # a previous run in --output-dir, a corrupt checkpoint: one line
         print(f"impure train: {err}", file=sys.stderr)
         return 2
     return 0

@@ -389,6 +389,14 @@ def test_resume_latest_skips_a_corrupt_trainer_state(tmp_path):
     with pytest.warns(UserWarning, match=r"checkpoint_1/trainer_state\.json is corrupt"):
         found = _find_checkpoint(TrainingConfig(output_dir=str(tmp_path), resume="latest"))
     assert found.name == "checkpoint_0"
+    # named explicitly, the corrupt checkpoint is refused with its path
+    from test_train import config, pair_dataset
+
+    from impure_hf.train import train
+
+    explicit = config(tmp_path, resume=str(tmp_path / "checkpoints" / "checkpoint_1"), eval_split=None)
+    with pytest.raises(CorruptFileError, match=r"checkpoint_1/trainer_state\.json is corrupt.*resume from another"):
+        train(explicit, tiny_model(), pair_dataset(2))
 
 
 def test_make_dataset_rebuilds_a_corrupt_shard_and_names_a_corrupt_config(tmp_path, caplog):
