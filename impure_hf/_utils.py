@@ -37,7 +37,8 @@ def atomic_path(path: PathLike) -> _Iterator[_Path]:
     """
     path = _Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = _tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    # the stem is shortened so that a name near the file system's limit still has room for the rest
+    fd, name = _tempfile.mkstemp(prefix=f".{path.stem[:64]}.", suffix=f".tmp{path.suffix[:16]}", dir=path.parent)
     _os.close(fd)
     temporary = _Path(name)
     _os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions

@@ -74,6 +74,11 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
             raise RuntimeError("killed")
     assert read_json(path) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary left behind
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
 
 
 def test_corrupt_json_is_named(tmp_path):
