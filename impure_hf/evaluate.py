@@ -804,6 +804,8 @@ def evaluate(
 
         attacks = list(ATTACKS)
     baselines = DEFAULT_BASELINES if baselines is None else baselines
+    if not isinstance(panels, int) or isinstance(panels, bool) or panels < 0:
+        raise ValueError(f"panels must be a non-negative integer (0: no panels), got {panels!r}")
     eps = _check_settings(
         attacks,
         adaptive_attacks,

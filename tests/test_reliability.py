@@ -369,6 +369,7 @@ def test_corrupt_evaluation_caches_are_named_and_rebuilt(tmp_path):
         attacks=["fgsm"], threat_models=["black-box"], batch_size=2, panels=0, progress=False, out_dir=tmp_path,
     )
     first = evaluate(**settings)
+    assert not (tmp_path / "panels").exists()  # panels=0: none
     cell = sorted((tmp_path / "cells").glob("*__fgsm__*.json"))[0]  # recomputing it needs the adversarial batch
     before = read_json(cell)
     adversarial = next((tmp_path / "adversarial").rglob("*.safetensors"))
@@ -455,3 +456,10 @@ def test_model_names_float64_and_empty_batches():
         model(torch.rand(1, 3, 32, 32, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"empty batch \(shape \(0, 3, 32, 32\)\)"):
         model(torch.rand(0, 3, 32, 32))
+
+
+def test_evaluate_refuses_negative_panels():
+    from impure_hf.evaluate import evaluate
+
+    with pytest.raises(ValueError, match=r"panels must be a non-negative integer.*-1"):
+        evaluate(data=torch.rand(2, 3, 32, 32), panels=-1, baselines=[], progress=False)
