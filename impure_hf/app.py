@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ._utils import atomic_write_text
 from .attacks import ATTACK_NORMS, ATTACKS, DEFAULT_EPS, attack_images, check_eps, make_attack, round_to_uint8
 from .evaluate import amplified_perturbation
 
@@ -526,10 +527,9 @@ def write_space(
             raise FileNotFoundError(f"{model} has no config.json: not a saved IMPure model folder")
         shutil.copytree(model, out / "model", dirs_exist_ok=True)
         model = "model"
-    (out / "app.py").write_text(_SPACE_APP.format(
-        no_deps=NO_DEPS_REQUIREMENTS, model=model, classifier=classifier))
+    atomic_write_text(out / "app.py", _SPACE_APP.format(no_deps=NO_DEPS_REQUIREMENTS, model=model, classifier=classifier))
     requirements = [r for r in importlib.metadata.requires("impure_hf") or [] if "extra ==" not in r]
-    (out / "requirements.txt").write_text("\n".join([*requirements, f"gradio=={gradio_version}"]) + "\n")
+    atomic_write_text(out / "requirements.txt", "\n".join([*requirements, f"gradio=={gradio_version}"]) + "\n")
     card_data = SpaceCardData(
         title="IMPure: attack and purify",
         emoji="🛡️",
@@ -544,7 +544,7 @@ def write_space(
         short_description="Attack an image, then purify it with IMPure",
     )
     text = _SPACE_CARD.format(classifier=classifier, model=model or "the embedded default", version=__version__)
-    (out / "README.md").write_text(str(SpaceCard(f"---\n{card_data.to_yaml()}\n---\n{text}")), encoding="utf-8")
+    atomic_write_text(out / "README.md", str(SpaceCard(f"---\n{card_data.to_yaml()}\n---\n{text}")))
     return out
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from .modeling_impure import ImpureModel
+from ._utils import atomic_write_json, atomic_write_text
 
 
 SECTIONS = ("inference", "training", "bf16", "attacks")
@@ -379,8 +379,8 @@ def run_benchmark(
                "threads": torch.get_num_threads(), "device_name": _device_name(dev), **extra}
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        Path(out_dir, "bench_purify.json").write_text(json.dumps(summary, indent=1))
-        Path(out_dir, "bench_purify.md").write_text(to_markdown(summary))
+        atomic_write_json(Path(out_dir, "bench_purify.json"), summary, indent=1)
+        atomic_write_text(Path(out_dir, "bench_purify.md"), to_markdown(summary))
     print(to_markdown(summary))
     return rows
 

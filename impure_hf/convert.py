@@ -102,6 +102,35 @@ def _global_name(obj) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
 
 
+def _pickled_globals(path: Path) -> list[str]:
+    """The globals a checkpoint would import, read without unpickling: torch's scan for zip archives,
+    the pickle opcodes for legacy-format and raw pickles. A file that is neither raises ValueError."""
+    import pickletools
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    found: list[str] = []
+    with open(path, "rb") as handle:
+        try:
+            while handle.peek(1):  # legacy-format files hold several pickles, then raw storage bytes
+                strings: list[str] = []
+                for opcode, arg, _ in pickletools.genops(handle):
+                    if opcode.name == "GLOBAL":
+                        found.append(arg.replace(" ", "."))
+                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(".".join(strings[-2:]))
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+        except Exception as err:  # any parse failure means: not a pickle at all
+            if found:
+                return sorted(set(found))
+            raise ValueError(
+                f"{path} is not a PyTorch checkpoint (neither a torch.save archive nor a pickle: {type(err).__name__}: {err})"
+            ) from err
+    return sorted(set(found))
+
+
 def load_release_checkpoint(path: Union[str, Path], trust_checkpoint: bool = False) -> dict:
     """The release's checkpoint dict, unpickled with ``weights_only=True``.
 
@@ -112,15 +141,17 @@ def load_release_checkpoint(path: Union[str, Path], trust_checkpoint: bool = Fal
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such checkpoint file: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): not a checkpoint")
     if trust_checkpoint:
         return torch.load(path, map_location="cpu", weights_only=False)
     allowed = [argparse.Namespace, *_numpy_scalar_globals()]
     try:
         with torch.serialization.safe_globals(allowed):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except (pickle.UnpicklingError, EOFError, IndexError, RuntimeError) as err:
         allowed_names = {_global_name(obj) for obj in allowed}
-        offending = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed_names]
+        offending = [g for g in _pickled_globals(path) if g not in allowed_names]
         found = ", ".join(offending) if offending else "an object the safe loader refuses"
         raise ValueError(
             f"{path} pickles {found}, which the safe loader refuses (it allows tensors, argparse.Namespace "

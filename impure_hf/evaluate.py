@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import platform
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -41,6 +43,15 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ._utils import (
+    CorruptFileError,
+    atomic_save_safetensors,
+    atomic_save_with,
+    atomic_write_json,
+    atomic_write_text,
+    load_safetensors,
+    read_json,
+)
 from .data import process_state
 
 THREAT_MODELS: dict[str, str] = {
@@ -456,7 +467,10 @@ class _Evaluation:
             for i, cell in enumerate(cells):
                 path = self.out_dir / "cells" / cell.path
                 if path.exists():
-                    found[i] = json.loads(path.read_text())
+                    try:
+                        found[i] = read_json(path)
+                    except CorruptFileError as err:  # a cache: recompute it rather than fail
+                        warnings.warn(f"{err}: computing the cell again")
         if self.state.num_processes > 1:
             found = broadcast_object_list([found], from_process=0)[0]
         return found
@@ -464,8 +478,7 @@ class _Evaluation:
     def _store(self, cell: _Cell, record: dict) -> None:
         if self.out_dir is not None and self.is_main:
             path = self.out_dir / "cells" / cell.path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({**record, "key": cell.key}))
+            atomic_write_json(path, {**record, "key": cell.key})
 
     def _adversarial_cache(self, classifier: str, attack: str, batch: int, ids: list[str]) -> Optional[Path]:
         if self.out_dir is None:
@@ -602,8 +615,6 @@ class _Evaluation:
         Returns the images, which of them the bare classifier gets right before rounding (None for
         clean images) and the attack's settings.
         """
-        from safetensors.torch import load_file, save_file
-
         from .attacks import attack_images
 
         if attack == CLEAN:
@@ -611,8 +622,13 @@ class _Evaluation:
         crafted = _paper_attack(attack, classifier, self.eps, self.steps)
         settings = _attack_settings(attack, crafted, 1)
         path = self._adversarial_cache(classifier.name, attack, batch, ids)
+        stored = None
         if path is not None and path.exists():
-            stored = load_file(str(path))
+            try:
+                stored = load_safetensors(path)
+            except CorruptFileError as err:  # a cache: craft the batch again rather than fail
+                warnings.warn(f"{err}: crafting the batch again")
+        if stored is not None:
             adversarial = stored["adversarial"].to(self.device)
             if adversarial.dtype == torch.uint8:
                 adversarial = adversarial.float() / 255
@@ -621,9 +637,8 @@ class _Evaluation:
         bare = self._bare_correct(classifier, adversarial, labels)
         adversarial = self._round(adversarial, images, settings["norm"])
         if path is not None:  # 8-bit images are stored exactly, as bytes
-            path.parent.mkdir(parents=True, exist_ok=True)
             stored = (adversarial * 255).round().to(torch.uint8) if self.round_adversarial else adversarial
-            save_file({"adversarial": stored.contiguous().cpu(), "correct_unrounded": torch.tensor(bare)}, str(path))
+            atomic_save_safetensors({"adversarial": stored.contiguous().cpu(), "correct_unrounded": torch.tensor(bare)}, path)
         return adversarial, bare, settings
 
     def _white_box(self, classifier, attack: str, defence: _Defence, images, labels, batch: int):
@@ -789,6 +804,8 @@ def evaluate(
 
         attacks = list(ATTACKS)
     baselines = DEFAULT_BASELINES if baselines is None else baselines
+    if not isinstance(panels, int) or isinstance(panels, bool) or panels < 0:
+        raise ValueError(f"panels must be a non-negative integer (0: no panels), got {panels!r}")
     eps = _check_settings(
         attacks,
         adaptive_attacks,
@@ -1008,13 +1025,14 @@ def write_reports(results: dict, out_dir: Union[str, Path]) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / f"results.{name}" for name in ("md", "csv", "json")}
-    paths["md"].write_text(render_markdown(results) + "\n")
-    with paths["csv"].open("w", newline="") as handle:
+    atomic_write_text(paths["md"], render_markdown(results) + "\n")
+    with io.StringIO(newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for cell in results["cells"]:
             writer.writerow({**cell, "threat_model": cell["threat_model"] or "none (clean images)"})
-    paths["json"].write_text(json.dumps(results, indent=1))
+        atomic_write_text(paths["csv"], handle.getvalue())
+    atomic_write_json(paths["json"], results, indent=1)
     paths["png"] = _bar_chart(results, out_dir / "accuracy.png")
     return paths
 
@@ -1049,7 +1067,7 @@ def _bar_chart(results: dict, path: Path) -> Path:
         ax.set_ylim(0, 105)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_save_with(path, lambda temporary: fig.savefig(temporary, dpi=110, format="png"))
     plt.close(fig)
     return path
 
@@ -1093,7 +1111,10 @@ def _write_panels(run: _Evaluation, out_dir: Path, count: int) -> None:
                 ax.set_title(title, fontsize=8)
                 ax.axis("off")
         fig.tight_layout()
-        fig.savefig(out_dir / "panels" / f"{_slug(classifier.name)}_{_slug(attack)}.png", dpi=72)
+        atomic_save_with(
+            out_dir / "panels" / f"{_slug(classifier.name)}_{_slug(attack)}.png",
+            lambda temporary: fig.savefig(temporary, dpi=72, format="png"),
+        )
         plt.close(fig)
 
 
@@ -1116,7 +1137,8 @@ def _run_cli(args) -> int:
         return 2
     if process_state().is_main_process:
         print(render_markdown(results))
-        print(f"\nwrote {Path(args.out) / 'results.md'}, results.csv, results.json, accuracy.png, panels/")
+        panels = ", panels/" if args.panels and (Path(args.out) / "panels").is_dir() else ""  # --panels 0 writes none
+        print(f"\nwrote {Path(args.out) / 'results.md'}, results.csv, results.json, accuracy.png{panels}")
     return 0
 
 

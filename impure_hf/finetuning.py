@@ -24,7 +24,6 @@ trains faster than LoRA on the decoder with less memory, and keeps the parameter
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import sys
@@ -37,6 +36,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
+
+from ._utils import atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -304,8 +305,8 @@ def _write_pairs(out: Path, pairs, settings: dict) -> None:
     for split, data in pairs.items():
         data.to_parquet(str(out / "data" / f"{split}-00000-of-00001.parquet"))
         lines.append(f"| {split} | {len(data)} |")
-    (out / "README.md").write_text("\n".join(lines) + "\n")
-    (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))  # last: marks a finished build
+    atomic_write_text(out / "README.md", "\n".join(lines) + "\n")
+    atomic_write_json(out / SETTINGS_FILE, settings, indent=1)  # last: marks a finished build
 
 
 def build_finetuning_dataset(
@@ -366,7 +367,7 @@ def build_finetuning_dataset(
     }
     out = Path(output_dir) if output_dir is not None else None
     if out is not None and (out / SETTINGS_FILE).is_file():
-        if json.loads((out / SETTINGS_FILE).read_text()) == settings:
+        if read_json(out / SETTINGS_FILE, hint="delete the folder to build the pairs again") == settings:
             return load_adversarial_dataset(out)
         raise FileExistsError(f"{out} holds pairs built with other settings; choose another folder or delete it")
     if out is not None and out.exists() and any(out.iterdir()):
@@ -662,7 +663,7 @@ def _run(args: argparse.Namespace) -> int:
             f"(PSNR {before['psnr']:.2f} -> {after['psnr']:.2f} dB)"
         )
     output_dir = Path(config.output_dir)
-    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    atomic_write_json(output_dir / SUMMARY_FILE, summary, indent=1)
     print(f"fine-tuned purifier saved to {output_dir}")
     return 0
 

@@ -27,6 +27,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ._utils import atomic_write_text
 from .configuration_impure import PRESETS
 from .modeling_impure import ImpureModel
 
@@ -50,11 +51,16 @@ _LFS_THRESHOLD = 10 * 1024 * 1024  # the Hub stores files above 10 MB in LFS
 def load_purifier(
     name_or_path: Optional[str] = None,
     device: Union[str, torch.device, None] = None,
+    allow_missing_weights: bool = False,
     **kwargs,
 ) -> ImpureModel:
     """A purifier in eval mode from a preset name (untrained), a saved folder or a Hub id.
 
     ``None`` loads the embedded default model shipped in the package (``impure_hf.DEFAULT_MODEL``).
+    Weights missing from the checkpoint, or present there but unknown to the model, raise a
+    ``ValueError`` naming them: a purifier with randomly initialised blocks runs but outputs garbage.
+    ``allow_missing_weights=True`` loads such a checkpoint anyway (as transformers'
+    ``ignore_mismatched_sizes`` does for shapes).
     Extra keyword arguments go to ``from_preset`` / ``from_pretrained`` (e.g. ``cache_dir``,
     ``local_files_only``, ``revision`` or config overrides such as ``decoder_chunk_size``).
     """
@@ -73,7 +79,22 @@ def load_purifier(
         path = Path(name_or_path)
         if path.exists() and not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} has no config.json: not a saved IMPure model folder")
-        model = ImpureModel.from_pretrained(str(name_or_path), **kwargs)
+        if not path.exists() and str(name_or_path).count("/") != 1:  # a Hub id is OWNER/NAME
+            raise ValueError(
+                f"unknown model {name_or_path!r}: not a preset ({', '.join(PRESETS)}), "
+                "an existing folder or a Hub id (OWNER/NAME)"
+            )
+        model, info = ImpureModel.from_pretrained(str(name_or_path), output_loading_info=True, **kwargs)
+        problems = [
+            f"{kind} {', '.join(sorted(info[key]))}"
+            for key, kind in (("missing_keys", "missing from the checkpoint:"), ("unexpected_keys", "unknown to the model:"))
+            if info[key]
+        ]
+        if problems and not allow_missing_weights:
+            raise ValueError(
+                f"{name_or_path} does not match the model's weights ({'; '.join(problems)}); "
+                "missing weights would be randomly initialised. Pass allow_missing_weights=True to load it anyway"
+            )
     return model.to(device).eval() if device is not None else model.eval()
 
 
@@ -408,12 +429,12 @@ def save_hub_folder(
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
     config.setdefault("auto_map", {})["AutoImageProcessor"] = "image_processing_impure.ImpureImageProcessor"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in REMOTE_CODE_FILES:  # save_pretrained copies them; make sure of it on every version
         if not (out / name).exists():
             shutil.copy(Path(__file__).parent / name, out / name)
     card = card if card is not None else build_model_card(model, repo_id, **card_kwargs)
-    (out / "README.md").write_text(str(card), encoding="utf-8")
+    atomic_write_text(out / "README.md", str(card))
     check_hub_folder(out)
     return out
 
@@ -532,7 +553,7 @@ def add_to_hf_cache(
         except OSError:
             shutil.copyfile(blob, pointer)
     (storage / "refs").mkdir(parents=True, exist_ok=True)
-    (storage / "refs" / revision).write_text(commit_hash)
+    atomic_write_text(storage / "refs" / revision, commit_hash)
     return snapshot
 
 
@@ -575,7 +596,7 @@ def _card(args: argparse.Namespace) -> int:
     repo_id = args.repo_id or HUB_REPO_IDS["impure-vit-tiny"]
     card = build_model_card(model, repo_id, **_card_kwargs(args))
     out = Path(args.out) if args.out else model_dir / "README.md"
-    out.write_text(str(card), encoding="utf-8")
+    atomic_write_text(out, str(card))
     validate_model_card(out)
     print(f"model card written to {out}")
     return 0

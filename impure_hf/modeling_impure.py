@@ -334,6 +334,10 @@ class ImpureModel(ImpurePreTrainedModel):
             )
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must have shape (N, C, H, W), got {tuple(pixel_values.shape)}")
+        if pixel_values.shape[0] == 0:
+            raise ValueError(f"pixel_values is an empty batch (shape {tuple(pixel_values.shape)})")
+        if pixel_values.dtype != self.dtype:  # e.g. float64 from numpy: fails deep inside the convolution
+            raise TypeError(f"pixel_values has dtype {pixel_values.dtype} but the model {self.dtype}; use .to(model.dtype)")
         if pixel_values.shape[1] != c.num_channels:
             raise ValueError(
                 f"expected {c.num_channels} channels, got {pixel_values.shape[1]} (shape {tuple(pixel_values.shape)})"

@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import itertools
-import json
 import math
+import os
 import re
+import shutil
 import sys
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -30,6 +33,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 import torch
 from torch import nn
 
+from ._utils import CorruptFileError, atomic_save_with, atomic_write_json, atomic_write_text, read_json
 from .image_processing_impure import ImpureImageProcessor
 from .losses import PerceptualLoss, PurificationLoss, RandomCombination
 from .modeling_impure import ImpureModel
@@ -38,6 +42,12 @@ PERCEPTUAL_LOSSES = ("none", "vgg19", "vgg19_bn_release", "classifier")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REQUIRED_COLUMNS = ("clean", "adversarial")
 TRAINER_STATE = "trainer_state.json"
+# what a run writes into output_dir: their presence means a previous run is there (other files,
+# e.g. finetune's pairs/, may share the folder)
+RUN_OUTPUTS = (
+    "checkpoints", "best", "logs", TRAINER_STATE, "training_log.csv", "training_config.json",
+    "loss_curves.png", "model.safetensors", "config.json",
+)
 
 
 # ---------------------------------------------------------------------------------- configuration
@@ -91,6 +101,7 @@ class TrainingConfig:
     save_steps: Optional[int] = _help("save_state every N optimizer steps (a state is also saved every epoch)", default=None)
     total_limit: Optional[int] = _help("keep at most this many checkpoints ('none': all)", default=3)
     resume: Optional[str] = _help("'latest' (in output_dir) or a checkpoint folder to continue from", default=None)
+    overwrite_output_dir: bool = _help("start a new run in an output_dir that holds a previous one (its checkpoints and best/ are deleted); without it such a folder needs --resume", default=False)
     logging_steps: int = _help("log the loss every N optimizer steps", default=10)
     report_to: str = _help("Accelerate trackers: 'auto' (tensorboard when installed), 'none', or names joined by commas", default="auto")
     num_workers: int = _help("DataLoader worker processes", default=0)
@@ -303,6 +314,24 @@ def _checkpoint_index(path: Path) -> int:
     return int(re.findall(r"(\d+)$", path.name)[0])
 
 
+def _complete(folder: Path) -> bool:
+    """A checkpoint is complete when its trainer state (written last) exists and reads."""
+    try:
+        read_json(folder / TRAINER_STATE)
+    except FileNotFoundError:
+        return False
+    except CorruptFileError as err:
+        warnings.warn(f"{err}: skipping this checkpoint")
+        return False
+    return True
+
+
+def _previous_run(config: TrainingConfig) -> list[str]:
+    """The files of a previous run in ``output_dir`` (empty when there is none)."""
+    out = Path(config.output_dir)
+    return [name for name in RUN_OUTPUTS if (out / name).exists()] if out.is_dir() else []
+
+
 def _find_checkpoint(config: TrainingConfig) -> Optional[Path]:
     if config.resume is None:
         return None
@@ -312,7 +341,7 @@ def _find_checkpoint(config: TrainingConfig) -> Optional[Path]:
             raise FileNotFoundError(f"cannot resume from {path}: not a checkpoint folder of impure train (no {TRAINER_STATE})")
         return path
     folders = sorted((Path(config.output_dir) / "checkpoints").glob("checkpoint_*"), key=_checkpoint_index)
-    folders = [f for f in folders if (f / TRAINER_STATE).is_file()]  # a save cut short has no trainer state
+    folders = [f for f in folders if _complete(f)]  # a save cut short has no (readable) trainer state
     if not folders:
         raise FileNotFoundError(f"--resume latest: no checkpoint in {Path(config.output_dir) / 'checkpoints'}")
     return folders[-1]
@@ -366,10 +395,11 @@ def _write_csv(path: Path, history: list[dict]) -> None:
     """One row per logged step or validation."""
     columns = list(dict.fromkeys(key for row in history for key in row))
     columns.sort(key=lambda k: (k.startswith("train/"), k.startswith("eval/")))  # step, epoch, lr, train/*, eval/*
-    with open(path, "w", newline="") as handle:
+    with io.StringIO(newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(history)
+        atomic_write_text(path, handle.getvalue())
 
 
 def _plot_curves(path: Path, history: list[dict]) -> None:
@@ -393,7 +423,7 @@ def _plot_curves(path: Path, history: list[dict]) -> None:
         if len(keys) > 1:
             axis.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    atomic_save_with(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
     plt.close(figure)
 
 
@@ -424,6 +454,12 @@ class ImpureTrainer:
             config = TrainingConfig.from_dict(config)
         self.config = config
         self.output_dir = Path(config.output_dir)
+        previous = _previous_run(config)
+        if previous and config.resume is None and not config.overwrite_output_dir:
+            raise FileExistsError(
+                f"{self.output_dir} holds a previous run ({', '.join(previous)}); pass --resume latest to continue it, "
+                "--overwrite-output-dir to replace it, or choose another --output-dir"
+            )
         train_dataset, eval_dataset = _resolve_datasets(config, train_dataset, eval_dataset)
         self.sized = hasattr(train_dataset, "__len__")
         if not self.sized and config.max_steps is None:
@@ -442,12 +478,17 @@ class ImpureTrainer:
             project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir),
                 logging_dir=str(self.output_dir / "logs"),
-                automatic_checkpoint_naming=True,
-                total_limit=config.total_limit,
+                # save_checkpoint names and rotates checkpoints itself: accelerate's rotation deletes
+                # the oldest before the new one is written, so a kill could leave none
+                automatic_checkpoint_naming=False,
             ),
             # data order depends only on (seed, epoch), so a resumed run sees the same batches
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         )
+        if previous and config.resume is None and accelerator.is_main_process:  # --overwrite-output-dir
+            for name in ("checkpoints", "best"):  # stale ones would mix with the new run's
+                shutil.rmtree(self.output_dir / name, ignore_errors=True)
+        accelerator.wait_for_everyone()
         set_seed(config.seed)
         model = _build_model(config, model)
         if isinstance(classifier, str) or (classifier is None and config.classifier is not None):
@@ -545,33 +586,66 @@ class ImpureTrainer:
 
     # ------------------------------------------------------------------ saving
     def save_checkpoint(self) -> Path:
-        """``save_state`` plus this trainer's state: a folder ``--resume`` continues from exactly."""
+        """``save_state`` plus this trainer's state: a folder ``--resume`` continues from exactly.
+
+        Written to a hidden temporary folder and renamed when complete; only then are checkpoints
+        beyond ``total_limit`` deleted (oldest first), so a kill at any moment leaves the last one.
+        """
         from safetensors.torch import save_file
 
         accelerator = self.accelerator
-        folder = Path(accelerator.save_state())
-        save_file({"state": self.generator.get_state()}, str(folder / f"generator_{accelerator.process_index}.safetensors"))
+        checkpoints = self.output_dir / "checkpoints"
+        index = accelerator.project_configuration.iteration
+        folder, temporary = checkpoints / f"checkpoint_{index}", checkpoints / f".checkpoint_{index}.tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)  # left by a killed save
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:  # written last: its presence marks a complete checkpoint
-            (folder / TRAINER_STATE).write_text(json.dumps(self.state, indent=1))
+        accelerator.save_state(str(temporary))  # increments project_configuration.iteration
+        save_file({"state": self.generator.get_state()}, str(temporary / f"generator_{accelerator.process_index}.safetensors"))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            atomic_write_json(temporary / TRAINER_STATE, self.state, indent=1)
+            os.replace(temporary, folder)
+            self._rotate_checkpoints(folder)
             _write_csv(self.output_dir / "training_log.csv", self.state["history"])
+        accelerator.wait_for_everyone()
         return folder
+
+    def _rotate_checkpoints(self, newest: Path) -> None:
+        """Keep the ``total_limit`` newest complete checkpoints; drop older incomplete leftovers."""
+        folders = sorted(newest.parent.glob("checkpoint_*"), key=_checkpoint_index)
+        complete = [f for f in folders if (f / TRAINER_STATE).is_file()]
+        keep = set(complete if self.config.total_limit is None else complete[-self.config.total_limit :]) | {newest}
+        for stale in newest.parent.glob(".checkpoint_*.tmp"):
+            if stale != newest:
+                shutil.rmtree(stale, ignore_errors=True)
+        for f in folders:
+            if f not in keep and _checkpoint_index(f) < _checkpoint_index(newest):
+                shutil.rmtree(f)
 
     def load_checkpoint(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
+        # the trainer state is written last: read it first, so an incomplete checkpoint is named
+        state = read_json(folder / TRAINER_STATE, hint="resume from another checkpoint")
         self.accelerator.load_state(str(folder))
-        self.state = json.loads((folder / TRAINER_STATE).read_text())
+        self.state = state
         generator_file = folder / f"generator_{self.accelerator.process_index}.safetensors"
         self.generator.set_state(load_file(str(generator_file))["state"])
         self.accelerator.print(f"resumed from {folder} at step {self.state['global_step']}")
 
     def save_model(self, folder: Path) -> None:
-        """``save_pretrained`` (safetensors) and the image processor."""
+        """``save_pretrained`` (safetensors) and the image processor, each file renamed into place."""
         state_dict = self.accelerator.get_state_dict(self.model)  # on all processes: gathers sharded weights
         if self.accelerator.is_main_process:
-            self.accelerator.unwrap_model(self.model).save_pretrained(folder, state_dict=state_dict)
-            self.processor.save_pretrained(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            temporary = folder / ".saving.tmp"
+            shutil.rmtree(temporary, ignore_errors=True)
+            self.accelerator.unwrap_model(self.model).save_pretrained(temporary, state_dict=state_dict)
+            self.processor.save_pretrained(temporary)
+            for path in temporary.iterdir():  # each file is replaced in one step
+                os.replace(path, folder / path.name)
+            temporary.rmdir()
 
     # ------------------------------------------------------------------ loop
     def _log(self, window: dict[str, torch.Tensor], batches: int, progress) -> None:
@@ -590,7 +664,7 @@ class ImpureTrainer:
         model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "training_config.json").write_text(json.dumps(config.to_dict(), indent=1))
+            atomic_write_json(self.output_dir / "training_config.json", config.to_dict(), indent=1)
         tracked = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
         accelerator.init_trackers("impure", config=tracked)
         progress = tqdm(total=self.total_steps, initial=state["global_step"], desc="training", disable=not accelerator.is_local_main_process)
@@ -645,7 +719,7 @@ class ImpureTrainer:
 
         self.save_model(self.output_dir)
         if accelerator.is_main_process:
-            (self.output_dir / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+            atomic_write_json(self.output_dir / TRAINER_STATE, state, indent=1)
             _write_csv(self.output_dir / "training_log.csv", state["history"])
             _plot_curves(self.output_dir / "loss_curves.png", state["history"])
         accelerator.wait_for_everyone()
@@ -829,7 +903,11 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"impure train: {err}", file=sys.stderr)
         return 2
-    train(config)
+    try:
+        train(config)
+    except (FileExistsError, CorruptFileError) as err:  # a previous run in --output-dir, a corrupt checkpoint: one line
+        print(f"impure train: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
