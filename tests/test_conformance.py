@@ -112,3 +112,31 @@ def test_division_argument_and_noise_division_are_exclusive(photos):
     a = model(photos, division=ids, generator=torch.Generator().manual_seed(0))
     b = model(photos, noise=ImpureNoise(division=ids), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(a.reconstruction, b.reconstruction, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------- tracing
+def test_torch_export_with_the_image_as_the_only_input(photos):
+    model = tiny_model().eval()
+    program = torch.export.export(model, (photos,))
+    # the noise draws are ops of the graph, from the global RNG: the same seed gives eager's output
+    torch.manual_seed(7)
+    exported = program.module()(photos).reconstruction
+    torch.manual_seed(7)
+    eager = model(photos).reconstruction
+    torch.testing.assert_close(exported, eager, rtol=0, atol=1e-5)
+    torch.manual_seed(8)
+    assert not torch.allclose(program.module()(photos).reconstruction, eager)  # really drawn per call
+
+
+def test_torch_compile_fullgraph(photos):
+    model = tiny_model().eval()
+    # backend="eager" checks what fullgraph=True promises (one graph, no breaks: the input checks
+    # that read the data are skipped while tracing) without minutes of C++ compilation on CPU
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.manual_seed(3)
+    a = compiled(photos).purified_pixel_values
+    torch.manual_seed(3)
+    b = model(photos).purified_pixel_values
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="NaN or inf"):  # eager keeps its checks
+        model(torch.full_like(photos, float("nan")))
