@@ -59,12 +59,16 @@ class ImpureOutput(ModelOutput):
             ``num_hidden_layers + 1`` tensors of shape (N * S, 1 + L / S, hidden_size); row
             n * S + k is subset k of image n (token 0 the cls token, then the subset's patches in
             the division's order).
+        attentions: with ``output_attentions=True`` and eager attention, each encoder block's
+            attention weights, (N * S, heads, 1 + L / S, 1 + L / S), rows as ``hidden_states``
+            (other kernels do not form the weights: None entries).
     """
 
     purified_pixel_values: Optional[torch.FloatTensor] = None
     reconstruction: Optional[torch.FloatTensor] = None
     subset_index: Optional[torch.LongTensor] = None
     hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+    attentions: Optional[tuple[torch.FloatTensor, ...]] = None
 
 
 @dataclass
@@ -440,6 +444,11 @@ class ImpureModel(ImpurePreTrainedModel):
         grouping nor the decoder chunking can change them. Given fields are kept.
         """
         c, N, device = self.config, pixel_values.shape[0], pixel_values.device
+        if isinstance(noise, torch.Tensor):
+            # ViTMAE's convention: (N, L) per-patch noise whose ascending argsort orders the patches
+            if division is not None:
+                raise ValueError("give the division either as the division argument or as noise, not both")
+            division, noise = torch.argsort(noise.to(device), dim=1), None
         noise = noise or ImpureNoise()
         if division is not None and noise.division is not None:
             raise ValueError("give the division either as the division argument or as noise.division, not both")
@@ -502,7 +511,8 @@ class ImpureModel(ImpurePreTrainedModel):
         """DDPM forward diffusion q(x_t | x_0) = sqrt(a_t) x + sqrt(1 - a_t) eps, ``step`` broadcast
         over the trailing dimensions of ``x``."""
         shape = step.shape + (1,) * (x.dim() - step.dim())
-        return self.sqrt_alphas_cumprod[step].view(shape) * x + self.sqrt_one_minus_alphas_cumprod[step].view(shape) * eps.to(x)
+        signal, noise = (table[step].view(shape).to(x.dtype) for table in (self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod))
+        return signal * x + noise * eps.to(x)
 
     def _positions(self, table: torch.Tensor, offset: torch.Tensor, h: int, w: int, given: bool) -> torch.Tensor:
         """(N, L, width) position embeddings of each patch for the given window offsets."""
@@ -548,12 +558,18 @@ class ImpureModel(ImpurePreTrainedModel):
 
     # ------------------------------------------------------------------ the three stages
     def forward_encoder(
-        self, normalized: torch.Tensor, ids_shuffle: torch.Tensor, pos: torch.Tensor, output_hidden_states: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
+        self,
+        normalized: torch.Tensor,
+        ids_shuffle: torch.Tensor,
+        pos: torch.Tensor,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple], Optional[tuple]]:
         """Encode each subset on its own.
 
         Returns patch features (N, L, D) in PATCH order, the cls outputs (N, S, D) and, if asked,
-        the hidden states (input tokens and each block's output, rows n*S + k).
+        the hidden states (input tokens and each block's output, rows n*S + k) and each block's
+        attention weights.
         """
         S = self.config.num_subsets
         tokens = self.patch_embed(normalized) + pos
@@ -562,13 +578,24 @@ class ImpureModel(ImpurePreTrainedModel):
         subsets = torch.gather(tokens, 1, ids_shuffle.unsqueeze(-1).expand(-1, -1, D)).reshape(N * S, L // S, D)
         x = torch.cat([self.cls_token.expand(N * S, -1, -1), subsets], dim=1)
         hidden_states = [x] if output_hidden_states else None
+        attentions = [] if output_attentions else None
+        # the attention weights are the attention module's second output: recorded by forward hooks
+        # (as transformers' capture_outputs does), so a block returns one tensor
+        hooks = [
+            block.attn.register_forward_hook(lambda module, args, output: attentions.append(output[1]))
+            for block in self.blocks
+        ] if output_attentions else []
         fusion, kept = self.config.fusion_layers, []
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in fusion:
-                kept.append(x)
-            if output_hidden_states:
-                hidden_states.append(x)
+        try:
+            for i, block in enumerate(self.blocks):
+                x = block(x)
+                if i in fusion:
+                    kept.append(x)
+                if output_hidden_states:
+                    hidden_states.append(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
         if self.proj_layers is not None:
             # multi-level fusion: softmax-weighted sum of projected block outputs and the last output
             levels = [proj(level) for proj, level in zip(self.proj_layers, kept)] + [x]
@@ -579,7 +606,12 @@ class ImpureModel(ImpurePreTrainedModel):
         shuffled = x[:, 1:].reshape(N, L, D)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         latent = torch.gather(shuffled, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))
-        return latent, heads, None if hidden_states is None else tuple(hidden_states)
+        return (
+            latent,
+            heads,
+            None if hidden_states is None else tuple(hidden_states),
+            None if attentions is None else tuple(attentions),
+        )
 
     def forward_decoder(
         self,
@@ -624,7 +656,8 @@ class ImpureModel(ImpurePreTrainedModel):
         others = j.view(1, -1) + (j.view(1, -1) >= k.view(-1, 1)).long()
         concat = heads[:, others].reshape(N, S, (S - 1) * D).transpose(0, 1)  # (S, N, (S-1)*D)
         # decoder position row 0 is zero: the head token carries no position
-        return (self.decoder_head_embed(concat) + self.decoder_pos_embed[0, 0]).unsqueeze(2)
+        head = self.decoder_head_embed(concat)
+        return (head + self.decoder_pos_embed[0, 0].to(head.dtype)).unsqueeze(2)
 
     def forward_output(self, decoded: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Decoder features (N, L, Dd) -> pixels (N, C, H, W) in the normalised space: prediction
@@ -651,8 +684,9 @@ class ImpureModel(ImpurePreTrainedModel):
         pixel_values: torch.Tensor,
         generator: Optional[torch.Generator] = None,
         division: Union[str, torch.Tensor, None] = None,
-        noise: Optional[ImpureNoise] = None,
+        noise: Union[ImpureNoise, torch.Tensor, None] = None,
         output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
         return_dict: Optional[bool] = None,
     ) -> Union[ImpureOutput, tuple]:
         r"""Purify ``pixel_values`` (N, C, H, W) in [0, 1].
@@ -663,8 +697,10 @@ class ImpureModel(ImpurePreTrainedModel):
             division: ``"uniform"``, ``"random"`` or an explicit (N, L) permutation of patch
                 indices (subset k = entries k*L/S .. (k+1)*L/S - 1). Default: the config's
                 ``train_division`` in training, ``eval_division`` in eval mode.
-            noise: an [`ImpureNoise`] with explicit draws, to replay a recorded forward.
+            noise: an [`ImpureNoise`] with explicit draws, to replay a recorded forward. A plain
+                (N, L) tensor is read as ViTMAE's ``noise``: its argsort is the division.
             output_hidden_states: return the encoder's hidden states (see [`ImpureOutput`]).
+            output_attentions: return the encoder's attention weights (eager attention only).
 
         Under ``torch.compile`` / ``torch.export`` the random draws are ops of the graph (drawn
         from the global RNG when no generator is given); pass them as ``noise`` to replay a
@@ -672,14 +708,16 @@ class ImpureModel(ImpurePreTrainedModel):
         """
         c = self.config
         output_hidden_states = output_hidden_states if output_hidden_states is not None else c.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else c.output_attentions
         return_dict = return_dict if return_dict is not None else c.return_dict
         h, w = self._check_input(pixel_values)
         draws = self._resolve_draws(pixel_values, h, w, division, noise, generator)
         N, L, S = pixel_values.shape[0], h * w, c.num_subsets
         subset_of_patch = torch.argsort(draws.division, dim=1) // (L // S)  # (N, L)
-        given_offset = noise is not None and noise.window_offset is not None
-        pos = self._positions(self.pos_embed, draws.window_offset, h, w, given_offset)
-        dpos = self._positions(self.decoder_pos_embed, draws.window_offset, h, w, given_offset)
+        given_offset = isinstance(noise, ImpureNoise) and noise.window_offset is not None
+        # the fixed tables may be stored in float32 under a model cast to half precision
+        pos = self._positions(self.pos_embed, draws.window_offset, h, w, given_offset).to(self.dtype)
+        dpos = self._positions(self.decoder_pos_embed, draws.window_offset, h, w, given_offset).to(self.dtype)
         normalized = (pixel_values - self.image_mean) / self.image_std
 
         # without gradients, images go through in groups that bound the activations (same output)
@@ -689,22 +727,31 @@ class ImpureModel(ImpurePreTrainedModel):
             rows = slice(i, i + images_per_pass)
             groups.append(self._purify(
                 normalized[rows], draws.select(rows), subset_of_patch[rows], pos[rows], dpos[rows],
-                h, w, subsets_per_call, output_hidden_states,
+                h, w, subsets_per_call, output_hidden_states, output_attentions,
             ))
         reconstruction = torch.cat([g[0] for g in groups]) if len(groups) > 1 else groups[0][0]
-        hidden_states = None
-        if output_hidden_states:
+        # one group: the very tensors of the graph (retain_grad works on them); else joined per layer
+        hidden_states, attentions = groups[0][1], groups[0][2]
+        if output_hidden_states and len(groups) > 1:
             hidden_states = tuple(torch.cat(layer) for layer in zip(*(g[1] for g in groups)))
+        if output_attentions and len(groups) > 1:
+            attentions = tuple(
+                None if layer[0] is None else torch.cat(layer) for layer in zip(*(g[2] for g in groups))
+            )
 
         output = ImpureOutput(
             purified_pixel_values=(reconstruction * self.image_std + self.image_mean).clamp(0, 1),
             reconstruction=reconstruction,
             subset_index=subset_of_patch.view(N, h, w),
             hidden_states=hidden_states,
+            attentions=attentions,
         )
         return output if return_dict else output.to_tuple()
 
-    def _purify(self, normalized, draws: ImpureNoise, subset_of_patch, pos, dpos, h, w, subsets_per_call, output_hidden_states):
+    def _purify(
+        self, normalized, draws: ImpureNoise, subset_of_patch, pos, dpos, h, w, subsets_per_call,
+        output_hidden_states=False, output_attentions=False,
+    ):
         """The paper's figure for a group of images whose draws are made: encode -> decode -> output."""
         c, N = self.config, normalized.shape[0]
         # encode each subset alone; with ImgNoise the diffused copy shares the batched encoder call
@@ -712,8 +759,8 @@ class ImpureModel(ImpurePreTrainedModel):
         if draws.image_noise is not None:
             images = torch.cat([normalized, self._diffuse(normalized, draws.image_noise_step, draws.image_noise)])
         copies = images.shape[0] // N
-        latent, heads, hidden_states = self.forward_encoder(
-            images, draws.division.repeat(copies, 1), pos.repeat(copies, 1, 1), output_hidden_states
+        latent, heads, hidden_states, attentions = self.forward_encoder(
+            images, draws.division.repeat(copies, 1), pos.repeat(copies, 1, 1), output_hidden_states, output_attentions
         )
         features = self.decoder_embed_norm(self.decoder_embed(latent))
         clean, heads = features[:N], heads[:N]  # the head tokens come from the clean pass
@@ -728,9 +775,13 @@ class ImpureModel(ImpurePreTrainedModel):
             fill = self._diffuse(fill, torch.gather(draws.feature_noise_step, 1, subset_of_patch), draws.feature_noise)
         # decode each subset from the others, then pixels
         decoded = self.forward_decoder(clean, heads, fill, subset_of_patch, dpos, subsets_per_call)
-        if hidden_states is not None:
-            hidden_states = tuple(state[: N * c.num_subsets] for state in hidden_states)
-        return self.forward_output(decoded, h, w), hidden_states
+        if copies > 1:  # keep the clean image's rows
+            rows = N * c.num_subsets
+            if hidden_states is not None:
+                hidden_states = tuple(state[:rows] for state in hidden_states)
+            if attentions is not None:
+                attentions = tuple(None if a is None else a[:rows] for a in attentions)
+        return self.forward_output(decoded, h, w), hidden_states, attentions
 
     @torch.no_grad()
     def purify(self, pixel_values: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs) -> torch.Tensor:

@@ -140,3 +140,19 @@ def test_torch_compile_fullgraph(photos):
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="NaN or inf"):  # eager keeps its checks
         model(torch.full_like(photos, float("nan")))
+
+
+def test_attentions_in_eager_and_vitmae_style_noise(photos):
+    model = tiny_model().eval()
+    model.set_attn_implementation("eager")
+    c, S, L = model.config, model.config.num_subsets, 64
+    out = model(photos, generator=torch.Generator().manual_seed(0), output_attentions=True)
+    assert len(out.attentions) == c.num_hidden_layers
+    rows = 1 + L // S
+    assert all(a.shape == (3 * S, c.num_attention_heads, rows, rows) for a in out.attentions)
+    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(3 * S, c.num_attention_heads, rows))
+    # a plain (N, L) tensor is ViTMAE's noise: its argsort is the division
+    vitmae_noise = torch.rand(3, L, generator=torch.Generator().manual_seed(1))
+    a = model(photos, noise=vitmae_noise, generator=torch.Generator().manual_seed(2)).reconstruction
+    b = model(photos, division=vitmae_noise.argsort(dim=1), generator=torch.Generator().manual_seed(2)).reconstruction
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
