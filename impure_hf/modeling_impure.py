@@ -8,7 +8,11 @@ The paper's figure, in code:
                                                             ▼
     forward_decoder: for each subset k, the decoder sees every other subset's clean features and,
     at subset k's positions, zn (+ FeaNoise) or a mask token; it predicts subset k's pixels.
-    stitch the S predictions ──► unpatchify ──► 3x3 conv refinement ──► purified image
+    stitch the S predictions ──► forward_output: unpatchify ──► 3x3 conv refinement ──► purified image
+
+``forward`` first resolves every random draw (window, division, noise steps, noise) into one
+``ImpureNoise``, then runs ``_purify`` (encode -> decode -> output, like MAE's models_mae.py) over
+groups of images sized by one memory-budget helper, ``_chunk_sizes``.
 
 State-dict key names follow the authors' release (DESIGN.md section 3), so their checkpoints
 load by name. This file travels into Hub folders as remote code: it imports only
@@ -720,25 +724,9 @@ class ImpureModel(ImpurePreTrainedModel):
         dpos = self._positions(self.decoder_pos_embed, draws.window_offset, h, w, given_offset).to(self.dtype)
         normalized = (pixel_values - self.image_mean) / self.image_std
 
-        # without gradients, images go through in groups that bound the activations (same output)
-        images_per_pass, subsets_per_call = self._chunk_sizes(N, L, pixel_values.device)
-        groups = []
-        for i in range(0, N, images_per_pass):
-            rows = slice(i, i + images_per_pass)
-            groups.append(self._purify(
-                normalized[rows], draws.select(rows), subset_of_patch[rows], pos[rows], dpos[rows],
-                h, w, subsets_per_call, output_hidden_states, output_attentions,
-            ))
-        reconstruction = torch.cat([g[0] for g in groups]) if len(groups) > 1 else groups[0][0]
-        # one group: the very tensors of the graph (retain_grad works on them); else joined per layer
-        hidden_states, attentions = groups[0][1], groups[0][2]
-        if output_hidden_states and len(groups) > 1:
-            hidden_states = tuple(torch.cat(layer) for layer in zip(*(g[1] for g in groups)))
-        if output_attentions and len(groups) > 1:
-            attentions = tuple(
-                None if layer[0] is None else torch.cat(layer) for layer in zip(*(g[2] for g in groups))
-            )
-
+        reconstruction, hidden_states, attentions = self._purify_in_groups(
+            normalized, draws, subset_of_patch, pos, dpos, h, w, output_hidden_states, output_attentions
+        )
         output = ImpureOutput(
             purified_pixel_values=(reconstruction * self.image_std + self.image_mean).clamp(0, 1),
             reconstruction=reconstruction,
@@ -747,6 +735,28 @@ class ImpureModel(ImpurePreTrainedModel):
             attentions=attentions,
         )
         return output if return_dict else output.to_tuple()
+
+    def _purify_in_groups(self, normalized, draws, subset_of_patch, pos, dpos, h, w, output_hidden_states, output_attentions):
+        """``_purify`` over groups of images sized by ``_chunk_sizes`` (without gradients, groups
+        bound the activations; the output is the same, every draw being made), results joined."""
+        N, L = normalized.shape[0], h * w
+        images_per_pass, subsets_per_call = self._chunk_sizes(N, L, normalized.device)
+        groups = []
+        for i in range(0, N, images_per_pass):
+            rows = slice(i, i + images_per_pass)
+            groups.append(self._purify(
+                normalized[rows], draws.select(rows), subset_of_patch[rows], pos[rows], dpos[rows],
+                h, w, subsets_per_call, output_hidden_states, output_attentions,
+            ))
+        if len(groups) == 1:  # the very tensors of the graph (retain_grad works on the hidden states)
+            return groups[0]
+        reconstruction, hidden_states, attentions = zip(*groups)
+        join = lambda layers: tuple(None if layer[0] is None else torch.cat(layer) for layer in zip(*layers))  # noqa: E731
+        return (
+            torch.cat(reconstruction),
+            join(hidden_states) if output_hidden_states else None,
+            join(attentions) if output_attentions else None,
+        )
 
     def _purify(
         self, normalized, draws: ImpureNoise, subset_of_patch, pos, dpos, h, w, subsets_per_call,
