@@ -715,7 +715,12 @@ class ImpureModel(ImpurePreTrainedModel):
         output_attentions = output_attentions if output_attentions is not None else c.output_attentions
         return_dict = return_dict if return_dict is not None else c.return_dict
         h, w = self._check_input(pixel_values)
-        draws = self._resolve_draws(pixel_values, h, w, division, noise, generator)
+        resolve = self._resolve_draws
+        if generator is not None and torch.compiler.is_compiling():
+            # torch.compile cannot hand a torch.Generator to a random op: with one, the draws run
+            # eagerly (a single graph break); without one they are ops of the graph (fullgraph works)
+            resolve = torch.compiler.disable(self._resolve_draws)
+        draws = resolve(pixel_values, h, w, division, noise, generator)
         N, L, S = pixel_values.shape[0], h * w, c.num_subsets
         subset_of_patch = torch.argsort(draws.division, dim=1) // (L // S)  # (N, L)
         given_offset = isinstance(noise, ImpureNoise) and noise.window_offset is not None

@@ -156,3 +156,18 @@ def test_attentions_in_eager_and_vitmae_style_noise(photos):
     a = model(photos, noise=vitmae_noise, generator=torch.Generator().manual_seed(2)).reconstruction
     b = model(photos, division=vitmae_noise.argsort(dim=1), generator=torch.Generator().manual_seed(2)).reconstruction
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_torch_compile_in_training_with_and_without_a_generator(photos):
+    model = tiny_model().train()
+    # without a generator the training draws (window, division, steps, noise) are graph ops
+    fullgraph = torch.compile(model, fullgraph=True, backend="eager")
+    torch.manual_seed(5)
+    a = fullgraph(photos).reconstruction
+    torch.manual_seed(5)
+    torch.testing.assert_close(a, model(photos).reconstruction, rtol=0, atol=1e-5)
+    # with one (as the trainer passes) the draws run eagerly from it: the same output as eager
+    compiled = torch.compile(model, backend="eager")
+    b = compiled(photos, generator=torch.Generator().manual_seed(6)).reconstruction
+    c = model(photos, generator=torch.Generator().manual_seed(6)).reconstruction
+    torch.testing.assert_close(b, c, rtol=0, atol=1e-5)
