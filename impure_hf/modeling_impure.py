@@ -523,7 +523,7 @@ class ImpureModel(ImpurePreTrainedModel):
         grid = self.config.pos_grid
         r = torch.arange(h, device=offset.device).view(1, h, 1) + offset[:, 0].view(-1, 1, 1)
         c = torch.arange(w, device=offset.device).view(1, 1, w) + offset[:, 1].view(-1, 1, 1)
-        r, c = r.expand(-1, h, w).reshape(len(offset), -1), c.expand(-1, h, w).reshape(len(offset), -1)
+        r, c = r.expand(-1, h, w).reshape(offset.shape[0], -1), c.expand(-1, h, w).reshape(offset.shape[0], -1)
         if given:  # offsets from the caller: inside the table only if the data says so
             inside = not _is_tracing() and bool(offset.min() >= 0) and bool(
                 (offset.max(dim=0).values + torch.tensor([h, w], device=offset.device) <= grid).all()
@@ -554,6 +554,8 @@ class ImpureModel(ImpurePreTrainedModel):
         ``config.decoder_chunk_size`` overrides the subsets per call. Any choice gives the same output.
         """
         c = self.config
+        if _is_tracing():  # a traced graph keeps the batch size symbolic: one pass, no Python arithmetic on it
+            return batch, c.decoder_chunk_size or c.num_subsets
         budget = self.INFERENCE_ACTIVATION_BUDGET.get(device.type, self.INFERENCE_ACTIVATION_BUDGET["cpu"])
         images = batch if torch.is_grad_enabled() else max(1, min(batch, budget // (tokens * c.hidden_size)))
         budget = self.DECODER_TOKEN_BUDGET.get(device.type, self.DECODER_TOKEN_BUDGET["cpu"])
@@ -746,6 +748,9 @@ class ImpureModel(ImpurePreTrainedModel):
         bound the activations; the output is the same, every draw being made), results joined."""
         N, L = normalized.shape[0], h * w
         images_per_pass, subsets_per_call = self._chunk_sizes(N, L, normalized.device)
+        if images_per_pass is N or images_per_pass >= N:  # one pass (`is`: a symbolic batch while tracing)
+            return self._purify(normalized, draws, subset_of_patch, pos, dpos, h, w, subsets_per_call,
+                                output_hidden_states, output_attentions)
         groups = []
         for i in range(0, N, images_per_pass):
             rows = slice(i, i + images_per_pass)
@@ -753,8 +758,6 @@ class ImpureModel(ImpurePreTrainedModel):
                 normalized[rows], draws.select(rows), subset_of_patch[rows], pos[rows], dpos[rows],
                 h, w, subsets_per_call, output_hidden_states, output_attentions,
             ))
-        if len(groups) == 1:  # the very tensors of the graph (retain_grad works on the hidden states)
-            return groups[0]
         reconstruction, hidden_states, attentions = zip(*groups)
         join = lambda layers: tuple(None if layer[0] is None else torch.cat(layer) for layer in zip(*layers))  # noqa: E731
         return (
