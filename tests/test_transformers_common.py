@@ -10,7 +10,6 @@ from __future__ import annotations
 import unittest
 
 import pytest
-import torch
 from torch import nn
 
 import transformers_common
