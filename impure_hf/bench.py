@@ -128,7 +128,7 @@ def time_settings(
 
         def call(fn=fn, s=s):
             purifier.config.decoder_chunk_size = s.chunk
-            purifier.set_attention_implementation(sdpa=s.sdpa)
+            purifier.set_attn_implementation("sdpa" if s.sdpa else "eager")
             with torch.inference_mode(), _autocast(s.dtype, device):
                 fn()
 
@@ -136,7 +136,7 @@ def time_settings(
         calls[s.name] = call
     times = _interleaved_times(calls, repeats, device)
     purifier.config.decoder_chunk_size = None
-    purifier.set_attention_implementation(sdpa=True)
+    purifier.set_attn_implementation("sdpa")
     per_model = {
         "purifier": count_flops(lambda: purifier(x[:1], generator=generator)) * batch,
         "vit_b": count_flops(lambda: vit(x[:1])) * batch,

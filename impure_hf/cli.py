@@ -19,6 +19,7 @@ _SUBCOMMAND_MODULES = (
     "impure_hf.demo",
     "impure_hf.bench",
     "impure_hf.app",
+    "impure_hf.export",
 )
 
 def _purify(args: argparse.Namespace) -> int:
