@@ -19,6 +19,7 @@ import io
 from typing import Optional
 
 import numpy as np
+import pywt
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -240,10 +241,6 @@ class WaveletDenoising(_PerImageNumpy):
 
     def __init__(self, sigma: Optional[float] = None, wavelet: str = "db1"):
         super().__init__()
-        try:
-            import pywt
-        except ImportError as err:
-            raise ImportError('the wavelet baseline needs PyWavelets, an optional extra: pip install -e ".[eval]" (or pip install PyWavelets)') from err
         if wavelet not in pywt.wavelist():
             raise ValueError(f"unknown wavelet {wavelet!r}; see pywt.wavelist()")
         self.sigma = sigma

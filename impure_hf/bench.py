@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from .evaluation import load_eval_images
 from .loading import load_purifier
 from .losses import PerceptualLoss, PurificationLoss, RandomCombination
 from .modeling_impure import ImpureModel
+from ._utils import atomic_write_json, atomic_write_text
 
 
 SECTIONS = ("inference", "training", "bf16", "attacks")
@@ -131,7 +131,7 @@ def time_settings(
 
         def call(fn=fn, s=s):
             purifier.config.decoder_chunk_size = s.chunk
-            purifier.set_attention_implementation(sdpa=s.sdpa)
+            purifier.set_attn_implementation("sdpa" if s.sdpa else "eager")
             with torch.inference_mode(), _autocast(s.dtype, device):
                 fn()
 
@@ -139,7 +139,7 @@ def time_settings(
         calls[s.name] = call
     times = _interleaved_times(calls, repeats, device)
     purifier.config.decoder_chunk_size = None
-    purifier.set_attention_implementation(sdpa=True)
+    purifier.set_attn_implementation("sdpa")
     per_model = {
         "purifier": count_flops(lambda: purifier(x[:1], generator=generator)) * batch,
         "vit_b": count_flops(lambda: vit(x[:1])) * batch,
@@ -370,8 +370,8 @@ def run_benchmark(
                "threads": torch.get_num_threads(), "device_name": _device_name(dev), **extra}
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        Path(out_dir, "bench_purify.json").write_text(json.dumps(summary, indent=1))
-        Path(out_dir, "bench_purify.md").write_text(to_markdown(summary))
+        atomic_write_json(Path(out_dir, "bench_purify.json"), summary, indent=1)
+        atomic_write_text(Path(out_dir, "bench_purify.md"), to_markdown(summary))
     print(to_markdown(summary))
     return rows
 

@@ -1,9 +1,9 @@
 """The ``impure`` command: the only place that wires subcommands.
 
 Library modules expose functions, an ``add_arguments(parser)`` and a ``run(args) -> int``; this
-module registers each as a subcommand (``_SUBCOMMANDS``). The small commands that only call library
-functions (``purify``, ``make-dataset``, ``publish``, ``card``, ``convert``) are written here. Nothing in the
-package imports this module.
+module registers each as a subcommand (``_SUBCOMMANDS``, and ``purify.py``'s in the list below). The
+small commands that only call library functions (``make-dataset``, ``publish``, ``card``, ``convert``) are
+written here. Nothing in the package imports this module.
 """
 
 from __future__ import annotations
@@ -13,13 +13,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import torch
-from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
-
-from . import app, bench, convert, data, demo, evaluation, finetuning, train
-from ._utils import iter_image_files, parse_eps, process_state
-from .image_processing_impure import ImpureImageProcessor
+from . import app, bench, convert, data, demo, evaluation, export, finetuning, purify, train
+from ._utils import atomic_write_text, parse_eps, process_state
 from .loading import DEFAULT_MODEL, HUB_REPO_IDS, load_purifier
 from .publishing import (
     MODEL_CARD_TEMPLATE,
@@ -44,6 +39,7 @@ _SUBCOMMANDS = {
         "description": evaluation.harness.__doc__.split("\n\n")[0]}),
     "demo": (demo, "attack real photos, purify them, and compare with simple baselines (offline)", {}),
     "bench": (bench, "benchmark the purifier against timm ViT-B/16", {}),
+    "export": (export, "export the purifier (ONNX, checked with onnxruntime)", {}),
     "app": (app, "the attack-and-purify page in the browser (needs the app extra: Gradio)", {
         "description": "Serve a page that attacks an image and purifies it (Gradio; pip install -e \".[app]\")."}),
 }
@@ -53,39 +49,6 @@ _DESCRIPTIONS = {
     "make-dataset": "Attack images with the paper's attacks and save the pairs as a Hugging Face dataset folder "
                     "(resumable; scale out with --num-proc or `accelerate launch -m impure_hf.cli make-dataset ...`).",
 }
-
-
-# ---------------------------------------------------------------------------------- impure purify
-def _purify(args: argparse.Namespace) -> int:
-    files = iter_image_files(args.inputs)
-    model = load_purifier(args.model, device=args.device)
-    processor = ImpureImageProcessor(crop_size=args.size or model.config.image_size)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    skipped = 0
-    for path in tqdm(files, desc="purifying", unit="img"):
-        try:
-            image = Image.open(path)
-            image.load()
-        except (UnidentifiedImageError, OSError) as err:
-            print(f"skipping {path}: cannot decode ({err})", file=sys.stderr)
-            skipped += 1
-            continue
-        pixels = processor(image)["pixel_values"].to(args.device)
-        purified = model.purify(pixels, generator=generator)
-        processor.post_process(purified)[0].save(out_dir / f"{path.stem}_purified.png")
-    print(f"purified {len(files) - skipped} image(s) into {out_dir}" + (f", skipped {skipped}" if skipped else ""))
-    return 0 if skipped < len(files) else 1
-
-
-def _add_purify_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", help="image files or folders")
-    parser.add_argument("--out", required=True, help="output folder (PNG files)")
-    parser.add_argument("--model", default=None, help="preset name, saved folder or Hub id (default: embedded model)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the purifier's noise")
-    parser.add_argument("--size", type=int, default=None, help="crop size (default: the model's image_size)")
-    parser.add_argument("--device", default="cpu")
 
 
 # ---------------------------------------------------------------------------------- impure make-dataset
@@ -174,7 +137,7 @@ def _card(args: argparse.Namespace) -> int:
     repo_id = args.repo_id or HUB_REPO_IDS["impure-vit-tiny"]
     card = build_model_card(model, repo_id, **_card_kwargs(args))
     out = Path(args.out) if args.out else model_dir / "README.md"
-    out.write_text(str(card), encoding="utf-8")
+    atomic_write_text(out, str(card))
     validate_model_card(out)
     print(f"model card written to {out}")
     return 0
@@ -218,6 +181,7 @@ def _convert(args: argparse.Namespace) -> int:
         num_heads=args.num_heads,
         decoder_num_heads=args.decoder_num_heads,
         trust_checkpoint=args.trust_checkpoint,
+        fusion_layers=args.fusion_layers,
     )
     if info["dropped_keys"]:
         print(f"dropped {len(info['dropped_keys'])} training-only keys ({', '.join(convert.TRAINING_ONLY_PREFIXES)})")
@@ -238,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="impure", description="IMPure adversarial purification")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     own = (
-        ("purify", "purify image files and folders", _add_purify_arguments, _purify),
+        ("purify", "purify image files and folders", purify.add_arguments, purify.run),
         ("make-dataset", "build an adversarial (clean, adversarial) image-pair dataset", _add_make_dataset_arguments,
          _make_dataset),
         ("publish", "build a complete Hub folder (remote code, card) and upload it", _add_publish_arguments, _publish),

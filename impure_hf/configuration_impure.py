@@ -19,13 +19,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _DIVISIONS = ("uniform", "random")
 _IMAGE_MASKS = ("noise", "occlude", "none")
 _FEATURE_MASKS = ("noise", "none")
+_WINDOW_ROUNDINGS = ("floor", "ceil")
 
 # Presets by name. "impure-vit-b" is the paper's ViT-B/16 setting (DESIGN.md section 2);
 # "impure-vit-b-release" is the authors' released variant: same sizes, but position tables
-# built for a 28x28 grid (448 px) of which a 224 px input uses a 14x14 window.
+# built for a 28x28 grid (448 px) of which a 224 px input uses a 14x14 window, placed at eval
+# by the release's rule.
 PRESETS: dict[str, dict] = {
     "impure-vit-b": {},
-    "impure-vit-b-release": {"pos_embed_grid": 28},
+    "impure-vit-b-release": {"pos_embed_grid": 28, "eval_window_rounding": "ceil"},
     "impure-vit-tiny": {
         "hidden_size": 192,
         "num_hidden_layers": 12,
@@ -65,7 +67,11 @@ class ImpureConfig(PreTrainedConfig):
         use_conv_refine: 3x3 convolution after unpatchify (release: ``use_conv``).
         pos_embed_grid: side of the fixed sin-cos position table; None = image_size / patch_size.
             A larger grid (28 in the release) gives each input a window of it: random offset in
-            training, centred in eval.
+            training, centred in eval (see ``eval_window_rounding``).
+        eval_window_rounding: where the eval window sits when the grid-minus-input gap ``G - h``
+            is odd: ``"floor"`` (offset ``(G - h) // 2``, spare cell below/right) or ``"ceil"``
+            (offset ``(G - h + 1) // 2``, spare cell above/left: the release's ``delta // 2`` with
+            ``delta = G - h + 1``, used by converted release checkpoints). Same for an even gap.
         decoder_chunk_size: number of subsets reconstructed per decoder call (None = chosen per
             device and batch size from a token budget; S = all in one call, 1 = a per-subset loop).
             Every setting gives the same output; it trades speed for memory.
@@ -103,6 +109,7 @@ class ImpureConfig(PreTrainedConfig):
         use_head_token: bool = True,
         use_conv_refine: bool = True,
         pos_embed_grid: Optional[int] = None,
+        eval_window_rounding: str = "floor",
         decoder_chunk_size: Optional[int] = None,
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
@@ -136,6 +143,7 @@ class ImpureConfig(PreTrainedConfig):
         self.use_head_token = use_head_token
         self.use_conv_refine = use_conv_refine
         self.pos_embed_grid = pos_embed_grid
+        self.eval_window_rounding = eval_window_rounding
         self.decoder_chunk_size = decoder_chunk_size
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
@@ -241,6 +249,10 @@ class ImpureConfig(PreTrainedConfig):
             )
         if self.pos_embed_grid is not None:
             positive(pos_embed_grid=self.pos_embed_grid)
+        if self.eval_window_rounding not in _WINDOW_ROUNDINGS:
+            raise ValueError(
+                f"eval_window_rounding must be one of {_WINDOW_ROUNDINGS}, got {self.eval_window_rounding!r}"
+            )
         if self.decoder_chunk_size is not None:
             positive(decoder_chunk_size=self.decoder_chunk_size)
         if len(self.image_mean) != self.num_channels or len(self.image_std) != self.num_channels:

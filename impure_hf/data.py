@@ -36,7 +36,6 @@ shards; the main process writes the dataset card (README.md) with counts and suc
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
@@ -54,7 +53,15 @@ from huggingface_hub import DatasetCard, DatasetCardData
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
-from ._utils import iter_image_files, parse_eps, process_state  # noqa: F401  (iter_image_files: its old home)
+from ._utils import (  # noqa: F401  (iter_image_files: its old home)
+    CorruptFileError,
+    atomic_write_json,
+    atomic_write_text,
+    iter_image_files,
+    parse_eps,
+    process_state,
+    read_json,
+)
 from .photos import (  # noqa: F401  (their old home was here)
     OFFLINE_PHOTOS,
     foolbox_imagenet_samples,
@@ -151,9 +158,7 @@ def _write_shard(out: Path, shard: _Shard, rows: dict, stats: dict, features) ->
     else:
         data_path.unlink(missing_ok=True)
     stats_path = out / BUILD_DIR / f"{shard.name}.json"
-    temporary = stats_path.with_name(f".{stats_path.name}.tmp")
-    temporary.write_text(json.dumps(stats, indent=1))
-    os.replace(temporary, stats_path)
+    atomic_write_json(stats_path, stats, indent=1)
 
 
 class _ShardBuilder:
@@ -243,6 +248,18 @@ def _run_worker(shard: _Shard) -> dict:
 
 
 # ------------------------------------------------------------------------------- the build
+def _shard_done(stats_path: Path) -> bool:
+    """A shard is finished when its statistics file exists and reads; a corrupt one is built again."""
+    if not stats_path.exists():
+        return False
+    try:
+        read_json(stats_path)
+    except CorruptFileError as err:
+        logger.warning("%s: building the shard again", err)
+        return False
+    return True
+
+
 def _prepare_output(out: Path, settings: dict, overwrite: bool) -> None:
     """Start a build in ``out``, or check that the build already there has the same settings."""
     config_path = out / BUILD_DIR / "config.json"
@@ -251,7 +268,7 @@ def _prepare_output(out: Path, settings: dict, overwrite: bool) -> None:
     if overwrite and config_path.exists():
         shutil.rmtree(out)
     if config_path.exists():
-        previous = json.loads(config_path.read_text())
+        previous = read_json(config_path, hint="delete the folder or rerun with --overwrite")
         if previous != settings:
             changed = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
             raise ValueError(
@@ -261,7 +278,7 @@ def _prepare_output(out: Path, settings: dict, overwrite: bool) -> None:
         return
     (out / BUILD_DIR).mkdir(parents=True, exist_ok=True)
     (out / "data").mkdir(exist_ok=True)
-    config_path.write_text(json.dumps(settings, indent=1))
+    atomic_write_json(config_path, settings, indent=1)
 
 
 def build_adversarial_dataset(
@@ -383,7 +400,7 @@ def build_adversarial_dataset(
     if state.is_main_process:
         _prepare_output(out, settings, overwrite)
     state.wait_for_everyone()
-    pending = [shard for shard in plan if not (out / BUILD_DIR / f"{shard.name}.json").exists()]
+    pending = [shard for shard in plan if not _shard_done(out / BUILD_DIR / f"{shard.name}.json")]
     state.wait_for_everyone()  # every process sees the same pending list before any writes
     hide_bar = not (progress and state.is_main_process)
     workers = num_proc if num_proc > 1 else state.num_processes
@@ -411,7 +428,7 @@ def build_adversarial_dataset(
 def _summarise(out: Path, plan: list[_Shard]) -> dict:
     summary: dict = {}
     for shard in plan:
-        stats = json.loads((out / BUILD_DIR / f"{shard.name}.json").read_text())
+        stats = read_json(out / BUILD_DIR / f"{shard.name}.json")
         split = summary.setdefault(shard.split, {"rows": 0, "undecodable": 0, "selected": {}, "misclassified": {}, "attacks": {}})
         split["rows"] += stats["rows"]
         split["undecodable"] += len(stats["undecodable"])
@@ -514,7 +531,7 @@ def _write_card(out: Path, settings: dict, plan: list[_Shard]) -> None:
             + ".",
             "",
         ]
-    DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)).save(out / "README.md")
+    atomic_write_text(out / "README.md", str(DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))))
 
 
 # ------------------------------------------------------------------------------- loading

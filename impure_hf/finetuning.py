@@ -25,7 +25,6 @@ trains faster than LoRA on the decoder with less memory, and keeps the parameter
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -35,7 +34,7 @@ import yaml
 from datasets import DatasetDict
 from torch import nn
 
-from ._utils import parse_eps
+from ._utils import atomic_write_json, parse_eps
 from .classifiers import ImageClassifier, check_classifier, load_classifier, read_state_dict
 from .data import build_adversarial_dataset, class_indices, load_adversarial_dataset  # noqa: F401  (class_indices: its old home)
 from .defended import (  # noqa: F401  (their old home was here)
@@ -305,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
             f"(PSNR {before['psnr']:.2f} -> {after['psnr']:.2f} dB)"
         )
     output_dir = Path(config.output_dir)
-    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    atomic_write_json(output_dir / SUMMARY_FILE, summary, indent=1)
     print(f"fine-tuned purifier saved to {output_dir}")
     return 0
 

@@ -6,26 +6,70 @@ can be fed to any classifier. This file travels into Hub folders as remote code.
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 
 
+# 16-bit grey modes, as PIL opens 16-bit PNG and TIFF files
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_FLOAT_TOLERANCE = 1e-3  # float images may overshoot [0, 1] by rounding; beyond this it is a different range
+
+
+def _to_uint8(array: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Values in [low, high] -> uint8 0..255 (rounded)."""
+    scaled = (array.astype(np.float64) - low) / max(high - low, np.finfo(np.float64).tiny)
+    return (np.clip(scaled, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def _grey_by_range(image: Image.Image) -> Image.Image:
+    """PIL's 16-bit (``I;16*``), 32-bit integer (``I``) and float (``F``) modes -> ``L``, scaled by
+    their range: PIL's own ``convert`` clips them to 0..255 (16-bit turns white, float [0, 1] black)."""
+    array = np.asarray(image)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return Image.fromarray(_to_uint8(array, 0, 65535))
+    if not np.isfinite(array).all():
+        raise ValueError(f"image (mode {image.mode}) contains NaN or inf")
+    low, high = float(array.min()), float(array.max())
+    if image.mode == "F" and low >= -_FLOAT_TOLERANCE and high <= 1 + _FLOAT_TOLERANCE:
+        return Image.fromarray(_to_uint8(array, 0, 1))
+    if low >= 0 and high <= (255 if image.mode == "F" else 65535):
+        return Image.fromarray(_to_uint8(array, 0, 255 if image.mode == "F" else 65535))
+    warnings.warn(f"image of mode {image.mode} has values in [{low:.6g}, {high:.6g}]: scaled from its own minimum and maximum")
+    return Image.fromarray(_to_uint8(array, low, high))
+
+
+def _pil_to_rgb(image: Image.Image) -> Image.Image:
+    image = ImageOps.exif_transpose(image)  # phone photos: stored sideways, an EXIF tag says how to turn them
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        return _grey_by_range(image).convert("RGB")
+    if image.mode in ("La", "RGBa"):  # premultiplied alpha: un-premultiply first
+        image = image.convert("LA" if image.mode == "La" else "RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # composite transparency on white rather than dropping alpha into black
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # 1, L, P, CMYK, YCbCr, HSV, RGBX ...
+
+
 def to_pil_rgb(image: ImageLike) -> Image.Image:
-    """PIL / numpy (HWC or CHW, uint8 or float in [0, 1]) / torch (CHW) -> RGB PIL image."""
+    """PIL / numpy (HWC or CHW) / torch (CHW) -> 8-bit RGB PIL image: the one conversion rule.
+
+    PIL images: EXIF orientation applied; 16-bit, 32-bit and float modes scaled by their range;
+    alpha composited on white; palette, CMYK and the other modes converted.
+    Arrays: uint8 as is, uint16 scaled by 65535, bool as black/white, float must lie in [0, 1]
+    (a ``ValueError`` otherwise, e.g. for 0..255 floats: divide them by 255).
+    """
     if isinstance(image, Image.Image):
-        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-            # composite transparency on white rather than dropping alpha into black
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return image.convert("RGB")
+        return _pil_to_rgb(image)
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if not isinstance(image, np.ndarray):
@@ -35,15 +79,25 @@ def to_pil_rgb(image: ImageLike) -> Image.Image:
         array = np.moveaxis(array, 0, -1)  # CHW -> HWC
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or array.size == 0:
         raise ValueError(f"cannot read an image of shape {image.shape}: expected HW, HWC or CHW with 1, 3 or 4 channels")
-    if array.dtype != np.uint8:
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype == np.uint16:
+        array = _to_uint8(array, 0, 65535)
+    elif array.dtype != np.uint8:
         if not np.issubdtype(array.dtype, np.floating):
-            raise TypeError(f"integer images must be uint8, got {array.dtype}")
+            raise TypeError(f"integer images must be uint8 or uint16, got {array.dtype}")
         if not np.isfinite(array).all():
             raise ValueError("image contains NaN or inf")
-        array = (np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    return to_pil_rgb(Image.fromarray(array))
+        low, high = float(array.min()), float(array.max())
+        if low < -_FLOAT_TOLERANCE or high > 1 + _FLOAT_TOLERANCE:
+            raise ValueError(
+                f"float images must lie in [0, 1], got values in [{low:.6g}, {high:.6g}]"
+                + (" (0..255 data: divide by 255)" if high <= 255 and low >= 0 else "")
+            )
+        array = _to_uint8(array, 0, 1)
+    return _pil_to_rgb(Image.fromarray(array))
 
 
 class ImpureImageProcessor(BaseImageProcessor):

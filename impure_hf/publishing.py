@@ -2,7 +2,7 @@
 
 - ``save_hub_folder`` / ``check_hub_folder`` / ``upload_hub_folder`` / ``publish``: the complete
   folder a Hub repo needs (config.json with ``auto_map``, model.safetensors,
-  preprocessor_config.json, the three remote-code files, README.md) and its upload.
+  preprocessor_config.json, the four remote-code files, README.md) and its upload.
 - ``build_model_card`` / ``validate_model_card`` / ``load_eval_results``: the model card from the
   package's template (``impure_hf/templates/model_card.md``) with ``model-index`` results from the
   [eval] JSON, checked offline.
@@ -34,6 +34,7 @@ from huggingface_hub.repocard_data import eval_results_to_model_index, model_ind
 from huggingface_hub.utils.sha import git_hash, sha_fileobj
 from safetensors import safe_open
 
+from ._utils import atomic_write_text
 from ._version import __version__
 from .image_processing_impure import ImpureImageProcessor
 from .loading import DEFAULT_MODEL, HUB_REPO_IDS, load_purifier
@@ -43,7 +44,9 @@ PathLike = Union[str, Path]
 # The GitHub repository that holds hubconf.py (torch.hub.load's "OWNER/NAME").
 GITHUB_REPO = "impure-hf/impure_hf"
 # Files copied into a Hub folder as remote code: they may import only each other and third parties.
-REMOTE_CODE_FILES = ("configuration_impure.py", "modeling_impure.py", "image_processing_impure.py")
+REMOTE_CODE_FILES = (
+    "configuration_impure.py", "layers_impure.py", "modeling_impure.py", "image_processing_impure.py",
+)
 HUB_FOLDER_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", *REMOTE_CODE_FILES)
 # The card template is package data, so `impure card` works from an installed wheel too.
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
@@ -373,12 +376,12 @@ def save_hub_folder(
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
     config.setdefault("auto_map", {})["AutoImageProcessor"] = "image_processing_impure.ImpureImageProcessor"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in REMOTE_CODE_FILES:  # save_pretrained copies them; make sure of it on every version
         if not (out / name).exists():
             shutil.copy(Path(__file__).parent / name, out / name)
     card = card if card is not None else build_model_card(model, repo_id, **card_kwargs)
-    (out / "README.md").write_text(str(card), encoding="utf-8")
+    atomic_write_text(out / "README.md", str(card))
     check_hub_folder(out)
     return out
 
@@ -485,7 +488,7 @@ def add_to_hf_cache(
         except OSError:
             shutil.copyfile(blob, pointer)
     (storage / "refs").mkdir(parents=True, exist_ok=True)
-    (storage / "refs" / revision).write_text(commit_hash)
+    atomic_write_text(storage / "refs" / revision, commit_hash)
     return snapshot
 
 
@@ -549,10 +552,9 @@ def write_space(
             raise FileNotFoundError(f"{model} has no config.json: not a saved IMPure model folder")
         shutil.copytree(model, out / "model", dirs_exist_ok=True)
         model = "model"
-    (out / "app.py").write_text(_SPACE_APP.format(
-        no_deps=NO_DEPS_REQUIREMENTS, model=model, classifier=classifier))
+    atomic_write_text(out / "app.py", _SPACE_APP.format(no_deps=NO_DEPS_REQUIREMENTS, model=model, classifier=classifier))
     requirements = [r for r in importlib.metadata.requires("impure_hf") or [] if "extra ==" not in r]
-    (out / "requirements.txt").write_text("\n".join([*requirements, f"gradio=={gradio_version}"]) + "\n")
+    atomic_write_text(out / "requirements.txt", "\n".join([*requirements, f"gradio=={gradio_version}"]) + "\n")
     card_data = SpaceCardData(
         title="IMPure: attack and purify",
         emoji="🛡️",
@@ -567,7 +569,7 @@ def write_space(
         short_description="Attack an image, then purify it with IMPure",
     )
     text = _SPACE_CARD.format(classifier=classifier, model=model or "the embedded default", version=__version__)
-    (out / "README.md").write_text(str(SpaceCard(f"---\n{card_data.to_yaml()}\n---\n{text}")), encoding="utf-8")
+    atomic_write_text(out / "README.md", str(SpaceCard(f"---\n{card_data.to_yaml()}\n---\n{text}")))
     return out
 
 

@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
+import io
 import itertools
-import json
 import math
+import os
 import re
+import shutil
 import sys
-from dataclasses import dataclass, field
+import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Optional, Union
 
 import torch
-import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from ._utils import CorruptFileError, atomic_save_with, atomic_write_json, atomic_write_text, read_json
 from .classifiers import check_classifier, load_classifier  # noqa: F401  (check_classifier: its old home)
 from .data import (  # noqa: F401  (random_crop_pairs, check_columns: their old home was here)
     REQUIRED_COLUMNS,
@@ -51,156 +52,21 @@ from .image_processing_impure import ImpureImageProcessor
 from .loading import load_purifier
 from .losses import PerceptualLoss, PurificationLoss, RandomCombination
 from .modeling_impure import ImpureModel
+from .training_args import (  # noqa: F401  (their home before train.py outgrew 700 lines)
+    MIXED_PRECISION,
+    PERCEPTUAL_LOSSES,
+    TrainingConfig,
+    add_arguments,
+    config_from_args,
+)
 
-PERCEPTUAL_LOSSES = ("none", "vgg19", "vgg19_bn_release", "classifier")
-MIXED_PRECISION = ("no", "fp16", "bf16")
 TRAINER_STATE = "trainer_state.json"
-
-
-# ---------------------------------------------------------------------------------- configuration
-def _help(text: str, **kwargs) -> Any:
-    return field(metadata={"help": text}, **kwargs)
-
-
-@dataclass
-class TrainingConfig:
-    """Everything a training run needs; defaults are the paper's (DESIGN.md section 2).
-
-    Build it in Python, from a YAML file (``TrainingConfig.from_yaml``) or from ``impure train``
-    flags (which override the file). Bad values raise ``ValueError`` here, before any training.
-    """
-
-    # model and data
-    model: str = _help("preset name, saved folder or Hub id of the purifier to start from", default="impure-vit-b")
-    model_overrides: dict = _help("ImpureConfig overrides, e.g. {image_size: 64, patch_size: 8}", default_factory=dict)
-    dataset: Optional[str] = _help("adversarial dataset: `impure make-dataset` folder or Hub id (columns clean, adversarial)", default=None)
-    train_split: str = _help("split to train on", default="train")
-    eval_split: Optional[str] = _help("split validated after every eval_epochs epochs ('none': no validation)", default="validation")
-    eval_epochs: int = _help("validate every N epochs (and at the end)", default=1)
-    streaming: bool = _help("stream the dataset instead of loading it (needs --max-steps)", default=False)
-    classifier: Optional[str] = _help("target classifier (impure_hf.classifiers.load_classifier name) for validation top-1 and the 'classifier' perceptual loss", default=None)
-    output_dir: str = _help("folder for checkpoints, logs and the final model", default="outputs/impure")
-    # optimisation
-    num_epochs: int = _help("epochs", default=100)
-    max_steps: Optional[int] = _help("stop after this many optimizer steps (overrides num_epochs)", default=None)
-    batch_size: int = _help("images per process and micro-batch", default=32)
-    eval_batch_size: Optional[int] = _help("validation batch size (default: batch_size)", default=None)
-    gradient_accumulation_steps: int = _help("micro-batches per optimizer step", default=1)
-    learning_rate: float = _help("peak AdamW learning rate", default=1e-4)
-    weight_decay: float = _help("AdamW weight decay (not applied to biases and 1-d parameters)", default=0.05)
-    adam_betas: tuple = _help("AdamW betas", default=(0.9, 0.95))
-    adam_epsilon: float = _help("AdamW epsilon", default=1e-8)
-    warmup_epochs: float = _help("linear warm-up before the cosine decay, in epochs", default=5.0)
-    warmup_steps: Optional[int] = _help("warm-up in optimizer steps (overrides warmup_epochs)", default=None)
-    max_grad_norm: Optional[float] = _help("clip gradients to this norm ('none': no clipping)", default=None)
-    mixed_precision: Optional[str] = _help("'no', 'fp16' or 'bf16' (Accelerate autocast); none: the launcher's setting (accelerate config / launch flags), else 'no'", default=None)
-    gradient_checkpointing: bool = _help("recompute transformer blocks in backward to save memory", default=False)
-    freeze_encoder: bool = _help("train only the decoder side (fine-tuning)", default=False)
-    train_crop_size: Optional[int] = _help("train on random aligned crops (with flips) of this side from each clean/adversarial pair; the position window covers the rest", default=None)
-    # losses
-    perceptual_loss: str = _help("'vgg19' (paper), 'vgg19_bn_release' (authors' code), 'classifier' (the target classifier's layers) or 'none'", default="vgg19")
-    perceptual_pretrained: bool = _help("ImageNet weights for the VGG perceptual networks (torchvision)", default=True)
-    perceptual_layers: Optional[dict] = _help("{layer name: weight} overriding the perceptual loss's layers", default=None)
-    rcm: bool = _help("random combination of purified and adversarial patches before the perceptual loss", default=True)
-    rcm_max_chunks: int = _help("largest number of RCM chunks (release: 4)", default=4)
-    # bookkeeping
-    seed: int = _help("seed of initialisation, data order and the purifier's noise", default=0)
-    save_steps: Optional[int] = _help("save_state every N optimizer steps (a state is also saved every epoch)", default=None)
-    total_limit: Optional[int] = _help("keep at most this many checkpoints ('none': all)", default=3)
-    resume: Optional[str] = _help("'latest' (in output_dir) or a checkpoint folder to continue from", default=None)
-    logging_steps: int = _help("log the loss every N optimizer steps", default=10)
-    report_to: str = _help("Accelerate trackers: 'auto' (tensorboard when installed), 'none', or names joined by commas", default="auto")
-    num_workers: int = _help("DataLoader worker processes", default=0)
-
-    def __post_init__(self):
-        hints = get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f.name, hints[f.name], getattr(self, f.name)))
-        self._validate()
-
-    def _validate(self) -> None:
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(message)
-
-        for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "logging_steps", "rcm_max_chunks", "eval_epochs"):
-            check(getattr(self, name) >= 1, f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_batch_size", "save_steps", "total_limit"):
-            value = getattr(self, name)
-            check(value is None or value >= 1, f"{name} must be a positive integer or none, got {value}")
-        check(math.isfinite(self.learning_rate) and self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}")
-        check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
-        check(self.adam_epsilon > 0, f"adam_epsilon must be positive, got {self.adam_epsilon}")
-        check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        check(self.warmup_steps is None or self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        check(self.max_grad_norm is None or self.max_grad_norm > 0, f"max_grad_norm must be positive or none, got {self.max_grad_norm}")
-        check(self.mixed_precision in (None, *MIXED_PRECISION), f"mixed_precision must be one of {MIXED_PRECISION} or none, got {self.mixed_precision!r}")
-        check(self.perceptual_loss in PERCEPTUAL_LOSSES, f"perceptual_loss must be one of {PERCEPTUAL_LOSSES}, got {self.perceptual_loss!r}")
-        check(self.rcm_max_chunks >= 2, f"rcm_max_chunks must be at least 2, got {self.rcm_max_chunks}")
-        check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
-        check(self.train_crop_size is None or self.train_crop_size >= 1, f"train_crop_size must be a positive integer or none, got {self.train_crop_size}")
-        if self.perceptual_layers is not None:
-            check(isinstance(self.perceptual_layers, dict) and len(self.perceptual_layers) > 0, f"perceptual_layers must be a non-empty mapping of layer name to weight, got {self.perceptual_layers!r}")
-            check(self.perceptual_loss != "none", "perceptual_layers given but perceptual_loss is 'none'")
-        check(isinstance(self.model_overrides, dict), f"model_overrides must be a mapping, got {self.model_overrides!r}")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainingConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known options: {sorted(known)}")
-        return cls(**values)
-
-    @classmethod
-    def from_yaml(cls, path: Union[str, Path], **overrides) -> "TrainingConfig":
-        """Options from a YAML mapping (keys as the field names), then ``overrides`` on top."""
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} must hold a mapping of training options, got {type(values).__name__}")
-        return cls.from_dict({**values, **overrides})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def _coerce(name: str, hint, value):
-    """Convert YAML / command-line values (strings, lists) to the field's type, or fail clearly."""
-    optional = get_origin(hint) is Union and type(None) in get_args(hint)
-    if optional:
-        hint = next(arg for arg in get_args(hint) if arg is not type(None))
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-    try:
-        if hint is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if hint in (int, float):
-            if isinstance(value, bool):
-                raise TypeError
-            number = float(value) if isinstance(value, str) else value
-            if hint is int:
-                if float(number) != int(number):
-                    raise ValueError
-                return int(number)
-            return float(number)
-        if hint in (dict, tuple) and isinstance(value, str):
-            import yaml
-
-            value = yaml.safe_load(value)
-        if hint is tuple:
-            return tuple(float(v) for v in value)
-        if hint is dict and not isinstance(value, dict):
-            raise TypeError
-        if hint is str and not isinstance(value, str):
-            raise TypeError
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{name} must be {getattr(hint, '__name__', hint)}{' or none' if optional else ''}, got {value!r}") from None
-    return value
+# what a run writes into output_dir: their presence means a previous run is there (other files,
+# e.g. finetune's pairs/, may share the folder)
+RUN_OUTPUTS = (
+    "checkpoints", "best", "logs", TRAINER_STATE, "training_log.csv", "training_config.json",
+    "loss_curves.png", "model.safetensors", "config.json",
+)
 
 
 # ---------------------------------------------------------------------------------- data
@@ -269,6 +135,24 @@ def _checkpoint_index(path: Path) -> int:
     return int(re.findall(r"(\d+)$", path.name)[0])
 
 
+def _complete(folder: Path) -> bool:
+    """A checkpoint is complete when its trainer state (written last) exists and reads."""
+    try:
+        read_json(folder / TRAINER_STATE)
+    except FileNotFoundError:
+        return False
+    except CorruptFileError as err:
+        warnings.warn(f"{err}: skipping this checkpoint")
+        return False
+    return True
+
+
+def _previous_run(config: TrainingConfig) -> list[str]:
+    """The files of a previous run in ``output_dir`` (empty when there is none)."""
+    out = Path(config.output_dir)
+    return [name for name in RUN_OUTPUTS if (out / name).exists()] if out.is_dir() else []
+
+
 def _find_checkpoint(config: TrainingConfig) -> Optional[Path]:
     if config.resume is None:
         return None
@@ -278,7 +162,7 @@ def _find_checkpoint(config: TrainingConfig) -> Optional[Path]:
             raise FileNotFoundError(f"cannot resume from {path}: not a checkpoint folder of impure train (no {TRAINER_STATE})")
         return path
     folders = sorted((Path(config.output_dir) / "checkpoints").glob("checkpoint_*"), key=_checkpoint_index)
-    folders = [f for f in folders if (f / TRAINER_STATE).is_file()]  # a save cut short has no trainer state
+    folders = [f for f in folders if _complete(f)]  # a save cut short has no (readable) trainer state
     if not folders:
         raise FileNotFoundError(f"--resume latest: no checkpoint in {Path(config.output_dir) / 'checkpoints'}")
     return folders[-1]
@@ -332,10 +216,11 @@ def _write_csv(path: Path, history: list[dict]) -> None:
     """One row per logged step or validation."""
     columns = list(dict.fromkeys(key for row in history for key in row))
     columns.sort(key=lambda k: (k.startswith("train/"), k.startswith("eval/")))  # step, epoch, lr, train/*, eval/*
-    with open(path, "w", newline="") as handle:
+    with io.StringIO(newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(history)
+        atomic_write_text(path, handle.getvalue())
 
 
 def _plot_curves(path: Path, history: list[dict]) -> None:
@@ -355,7 +240,7 @@ def _plot_curves(path: Path, history: list[dict]) -> None:
         if len(keys) > 1:
             axis.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    atomic_save_with(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
 
 
 # ---------------------------------------------------------------------------------- training
@@ -381,6 +266,12 @@ class ImpureTrainer:
             config = TrainingConfig.from_dict(config)
         self.config = config
         self.output_dir = Path(config.output_dir)
+        previous = _previous_run(config)
+        if previous and config.resume is None and not config.overwrite_output_dir:
+            raise FileExistsError(
+                f"{self.output_dir} holds a previous run ({', '.join(previous)}); pass --resume latest to continue it, "
+                "--overwrite-output-dir to replace it, or choose another --output-dir"
+            )
         train_dataset, eval_dataset = _resolve_datasets(config, train_dataset, eval_dataset)
         self.sized = hasattr(train_dataset, "__len__")
         if not self.sized and config.max_steps is None:
@@ -399,12 +290,17 @@ class ImpureTrainer:
             project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir),
                 logging_dir=str(self.output_dir / "logs"),
-                automatic_checkpoint_naming=True,
-                total_limit=config.total_limit,
+                # save_checkpoint names and rotates checkpoints itself: accelerate's rotation deletes
+                # the oldest before the new one is written, so a kill could leave none
+                automatic_checkpoint_naming=False,
             ),
             # data order depends only on (seed, epoch), so a resumed run sees the same batches
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         )
+        if previous and config.resume is None and accelerator.is_main_process:  # --overwrite-output-dir
+            for name in ("checkpoints", "best"):  # stale ones would mix with the new run's
+                shutil.rmtree(self.output_dir / name, ignore_errors=True)
+        accelerator.wait_for_everyone()
         set_seed(config.seed)
         model = _build_model(config, model)
         if isinstance(classifier, str) or (classifier is None and config.classifier is not None):
@@ -496,29 +392,62 @@ class ImpureTrainer:
 
     # ------------------------------------------------------------------ saving
     def save_checkpoint(self) -> Path:
-        """``save_state`` plus this trainer's state: a folder ``--resume`` continues from exactly."""
+        """``save_state`` plus this trainer's state: a folder ``--resume`` continues from exactly.
+
+        Written to a hidden temporary folder and renamed when complete; only then are checkpoints
+        beyond ``total_limit`` deleted (oldest first), so a kill at any moment leaves the last one.
+        """
         accelerator = self.accelerator
-        folder = Path(accelerator.save_state())
-        save_file({"state": self.generator.get_state()}, str(folder / f"generator_{accelerator.process_index}.safetensors"))
+        checkpoints = self.output_dir / "checkpoints"
+        index = accelerator.project_configuration.iteration
+        folder, temporary = checkpoints / f"checkpoint_{index}", checkpoints / f".checkpoint_{index}.tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)  # left by a killed save
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:  # written last: its presence marks a complete checkpoint
-            (folder / TRAINER_STATE).write_text(json.dumps(self.state, indent=1))
+        accelerator.save_state(str(temporary))  # increments project_configuration.iteration
+        save_file({"state": self.generator.get_state()}, str(temporary / f"generator_{accelerator.process_index}.safetensors"))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            atomic_write_json(temporary / TRAINER_STATE, self.state, indent=1)
+            os.replace(temporary, folder)
+            self._rotate_checkpoints(folder)
             _write_csv(self.output_dir / "training_log.csv", self.state["history"])
+        accelerator.wait_for_everyone()
         return folder
 
+    def _rotate_checkpoints(self, newest: Path) -> None:
+        """Keep the ``total_limit`` newest complete checkpoints; drop older incomplete leftovers."""
+        folders = sorted(newest.parent.glob("checkpoint_*"), key=_checkpoint_index)
+        complete = [f for f in folders if (f / TRAINER_STATE).is_file()]
+        keep = set(complete if self.config.total_limit is None else complete[-self.config.total_limit :]) | {newest}
+        for stale in newest.parent.glob(".checkpoint_*.tmp"):
+            if stale != newest:
+                shutil.rmtree(stale, ignore_errors=True)
+        for f in folders:
+            if f not in keep and _checkpoint_index(f) < _checkpoint_index(newest):
+                shutil.rmtree(f)
+
     def load_checkpoint(self, folder: Path) -> None:
+        # the trainer state is written last: read it first, so an incomplete checkpoint is named
+        state = read_json(folder / TRAINER_STATE, hint="resume from another checkpoint")
         self.accelerator.load_state(str(folder))
-        self.state = json.loads((folder / TRAINER_STATE).read_text())
+        self.state = state
         generator_file = folder / f"generator_{self.accelerator.process_index}.safetensors"
         self.generator.set_state(load_file(str(generator_file))["state"])
         self.accelerator.print(f"resumed from {folder} at step {self.state['global_step']}")
 
     def save_model(self, folder: Path) -> None:
-        """``save_pretrained`` (safetensors) and the image processor."""
+        """``save_pretrained`` (safetensors) and the image processor, each file renamed into place."""
         state_dict = self.accelerator.get_state_dict(self.model)  # on all processes: gathers sharded weights
         if self.accelerator.is_main_process:
-            self.accelerator.unwrap_model(self.model).save_pretrained(folder, state_dict=state_dict)
-            self.processor.save_pretrained(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            temporary = folder / ".saving.tmp"
+            shutil.rmtree(temporary, ignore_errors=True)
+            self.accelerator.unwrap_model(self.model).save_pretrained(temporary, state_dict=state_dict)
+            self.processor.save_pretrained(temporary)
+            for path in temporary.iterdir():  # each file is replaced in one step
+                os.replace(path, folder / path.name)
+            temporary.rmdir()
 
     # ------------------------------------------------------------------ loop
     def _log(self, window: dict[str, torch.Tensor], batches: int, progress) -> None:
@@ -535,7 +464,7 @@ class ImpureTrainer:
         model, optimizer, scheduler = self.model, self.optimizer, self.scheduler
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "training_config.json").write_text(json.dumps(config.to_dict(), indent=1))
+            atomic_write_json(self.output_dir / "training_config.json", config.to_dict(), indent=1)
         tracked = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
         accelerator.init_trackers("impure", config=tracked)
         progress = tqdm(total=self.total_steps, initial=state["global_step"], desc="training", disable=not accelerator.is_local_main_process)
@@ -590,7 +519,7 @@ class ImpureTrainer:
 
         self.save_model(self.output_dir)
         if accelerator.is_main_process:
-            (self.output_dir / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+            atomic_write_json(self.output_dir / TRAINER_STATE, state, indent=1)
             _write_csv(self.output_dir / "training_log.csv", state["history"])
             _plot_curves(self.output_dir / "loss_curves.png", state["history"])
         accelerator.wait_for_everyone()
@@ -625,32 +554,6 @@ def train(
 
 
 # ---------------------------------------------------------------------------------- command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``impure train``: ``--config`` and one flag per ``TrainingConfig`` field."""
-    parser.add_argument("--config", default=None, help="YAML file of training options (flags override it)")
-    hints = get_type_hints(TrainingConfig)
-    for f in dataclasses.fields(TrainingConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = f"{f.metadata['help']} (default: {default})"
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
-        elif kind is tuple:
-            parser.add_argument(flag, nargs=2, metavar=("B1", "B2"), default=argparse.SUPPRESS, help=text)
-        else:  # values are converted and checked by TrainingConfig
-            parser.add_argument(flag, default=argparse.SUPPRESS, help=text)
-
-
-def config_from_args(args: argparse.Namespace) -> TrainingConfig:
-    """Defaults, then the YAML file of ``--config``, then the flags given."""
-    names = {f.name for f in dataclasses.fields(TrainingConfig)}
-    flags = {k: v for k, v in vars(args).items() if k in names}
-    if getattr(args, "config", None):
-        return TrainingConfig.from_yaml(args.config, **flags)
-    return TrainingConfig.from_dict(flags)
-
-
 def run(args: argparse.Namespace) -> int:
     """``impure train``."""
     try:
@@ -658,7 +561,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"impure train: {err}", file=sys.stderr)
         return 2
-    train(config)
+    try:
+        train(config)
+    except (FileExistsError, CorruptFileError) as err:  # a previous run in --output-dir, a corrupt checkpoint: one line
+        print(f"impure train: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

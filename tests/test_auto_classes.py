@@ -45,7 +45,7 @@ def test_remote_code_loads_without_importing_impure_hf(tmp_path):
     x = real_photos()
     model.save_pretrained(tmp_path / "model")
     ImpureImageProcessor(crop_size=32).save_pretrained(tmp_path / "model")
-    for name in ("configuration_impure.py", "modeling_impure.py", "image_processing_impure.py"):
+    for name in ("configuration_impure.py", "layers_impure.py", "modeling_impure.py", "image_processing_impure.py"):
         assert (tmp_path / "model" / name).exists(), f"remote code file {name} not saved"
     torch.save(x, tmp_path / "x.pt")
     script = textwrap.dedent(

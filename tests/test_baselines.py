@@ -34,8 +34,6 @@ def _parity_subsets(height: int, width: int, patch: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_every_baseline_keeps_shape_range_and_passes_gradients(name, photos96):
-    if name == "wavelet":
-        pytest.importorskip("pywt")
     purifier = build_baseline(name)
     x = photos96.clone().requires_grad_(True)
     out = purifier(x, generator=torch.Generator().manual_seed(0))

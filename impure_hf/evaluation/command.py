@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if process_state().is_main_process:
         print(render_markdown(results))
-        print(f"\nwrote {Path(settings.out_dir) / 'results.md'}, results.csv, results.json, accuracy.png, panels/")
+        panels = ", panels/" if settings.panels and (Path(settings.out_dir) / "panels").is_dir() else ""  # --panels 0 writes none
+        print(f"\nwrote {Path(settings.out_dir) / 'results.md'}, results.csv, results.json, accuracy.png{panels}")
     return 0
 
 

@@ -31,17 +31,17 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._utils import process_state
+from .._utils import CorruptFileError, atomic_save_safetensors, atomic_write_json, load_safetensors, process_state, read_json
 from ..attacks import ADAPTIVE_ATTACKS, ATTACK_NORMS, paper_attack, attack_images, make_adaptive_attack, round_to_uint8
 from ..baselines import build_baseline
 from ..classifiers import load_classifier
@@ -194,7 +194,10 @@ class _Evaluation:
             for i, cell in enumerate(cells):
                 path = self.out_dir / "cells" / cell.path
                 if path.exists():
-                    found[i] = json.loads(path.read_text())
+                    try:
+                        found[i] = read_json(path)
+                    except CorruptFileError as err:  # a cache: recompute it rather than fail
+                        warnings.warn(f"{err}: computing the cell again")
         if self.state.num_processes > 1:
             found = broadcast_object_list([found], from_process=0)[0]
         return found
@@ -202,8 +205,7 @@ class _Evaluation:
     def _store(self, cell: _Cell, record: dict) -> None:
         if self.out_dir is not None and self.is_main:
             path = self.out_dir / "cells" / cell.path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({**record, "key": cell.key}))
+            atomic_write_json(path, {**record, "key": cell.key})
 
     def _adversarial_cache(self, classifier: str, attack: str, batch: int, ids: list[str]) -> Optional[Path]:
         if self.out_dir is None:
@@ -333,8 +335,13 @@ class _Evaluation:
         crafted = paper_attack(attack, classifier, self.settings.eps, self.settings.steps)
         settings = _attack_settings(attack, crafted, 1)
         path = self._adversarial_cache(classifier.name, attack, batch, ids)
+        stored = None
         if path is not None and path.exists():
-            stored = load_file(str(path))
+            try:
+                stored = load_safetensors(path)
+            except CorruptFileError as err:  # a cache: craft the batch again rather than fail
+                warnings.warn(f"{err}: crafting the batch again")
+        if stored is not None:
             adversarial = stored["adversarial"].to(self.device)
             if adversarial.dtype == torch.uint8:
                 adversarial = adversarial.float() / 255
@@ -343,9 +350,8 @@ class _Evaluation:
         bare = self._bare_correct(classifier, adversarial, labels)
         adversarial = self._round(adversarial, images, settings["norm"])
         if path is not None:  # 8-bit images are stored exactly, as bytes
-            path.parent.mkdir(parents=True, exist_ok=True)
             stored = (adversarial * 255).round().to(torch.uint8) if self.settings.round_adversarial else adversarial
-            save_file({"adversarial": stored.contiguous().cpu(), "correct_unrounded": torch.tensor(bare)}, str(path))
+            atomic_save_safetensors({"adversarial": stored.contiguous().cpu(), "correct_unrounded": torch.tensor(bare)}, path)
         return adversarial, bare, settings
 
     def _white_box(self, classifier, attack: str, defence: _Defence, images, labels, batch: int):

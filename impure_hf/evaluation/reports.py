@@ -7,7 +7,7 @@ the harness, so the reports can be rendered again from a saved ``results.json``.
 from __future__ import annotations
 
 import csv
-import json
+import io
 import platform
 import re
 from pathlib import Path
@@ -16,6 +16,7 @@ from typing import Union
 import torch
 from matplotlib.figure import Figure
 
+from .._utils import atomic_save_with, atomic_write_json, atomic_write_text
 from .._version import __version__
 from ..attacks import torchattacks
 from ..defended import amplified_perturbation, purified_pixel_values
@@ -160,13 +161,14 @@ def write_reports(results: dict, out_dir: Union[str, Path]) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / f"results.{name}" for name in ("md", "csv", "json")}
-    paths["md"].write_text(render_markdown(results) + "\n")
-    with paths["csv"].open("w", newline="") as handle:
+    atomic_write_text(paths["md"], render_markdown(results) + "\n")
+    with io.StringIO(newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for cell in results["cells"]:
             writer.writerow({**cell, "threat_model": cell["threat_model"] or "none (clean images)"})
-    paths["json"].write_text(json.dumps(results, indent=1))
+        atomic_write_text(paths["csv"], handle.getvalue())
+    atomic_write_json(paths["json"], results, indent=1)
     paths["png"] = _bar_chart(results, out_dir / "accuracy.png")
     return paths
 
@@ -196,7 +198,7 @@ def _bar_chart(results: dict, path: Path) -> Path:
         ax.set_ylim(0, 105)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_save_with(path, lambda temporary: fig.savefig(temporary, dpi=110, format="png"))
     return path
 
 
@@ -236,7 +238,10 @@ def _write_panels(run, out_dir: Path, count: int) -> None:
                 ax.set_title(title, fontsize=8)
                 ax.axis("off")
         fig.tight_layout()
-        fig.savefig(out_dir / "panels" / f"{_slug(classifier.name)}_{_slug(attack)}.png", dpi=72)
+        atomic_save_with(
+            out_dir / "panels" / f"{_slug(classifier.name)}_{_slug(attack)}.png",
+            lambda temporary: fig.savefig(temporary, dpi=72, format="png"),
+        )
 
 
 __all__ = ["CSV_FIELDS", "render_markdown", "write_reports"]

@@ -82,6 +82,8 @@ class EvalSettings:
         for name, value in counts.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.panels, int) or isinstance(self.panels, bool) or self.panels < 0:
+            raise ValueError(f"panels must be a non-negative integer (0: no panels), got {self.panels!r}")
         return dataclasses.replace(
             self, attacks=attacks, adaptive_attacks=list(self.adaptive_attacks), threat_models=list(self.threat_models),
             baselines=list(self.baselines), eps=check_eps(self.eps),
