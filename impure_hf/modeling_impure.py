@@ -22,6 +22,7 @@ third-party packages.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, fields, replace
@@ -226,6 +227,9 @@ class ImpureModel(ImpurePreTrainedModel):
         self.register_buffer("image_std", torch.tensor(c.image_std).view(1, -1, 1, 1), persistent=False)
         # mirrors the blocks' flag: transformers sets it with theirs, callers read it (train.py)
         self.gradient_checkpointing = False
+        # a runtime setting, not a config field: the fastest precision depends on the machine that
+        # runs the model, not on the weights (impure_hf.precision.set_precision measures it)
+        self.autocast_dtype: Optional[torch.dtype] = None
         self.post_init()
 
     # ------------------------------------------------------------------ construction
@@ -591,9 +595,11 @@ class ImpureModel(ImpurePreTrainedModel):
         dpos = self._positions(self.decoder_pos_embed, draws.window_offset, h, w, given_offset).to(self.dtype)
         normalized = (pixel_values - self.image_mean) / self.image_std
 
-        reconstruction, hidden_states, attentions = self._purify_in_groups(
-            normalized, draws, subset_of_patch, pos, dpos, h, w, output_hidden_states, output_attentions
-        )
+        with self._autocast(pixel_values.device):
+            reconstruction, hidden_states, attentions = self._purify_in_groups(
+                normalized, draws, subset_of_patch, pos, dpos, h, w, output_hidden_states, output_attentions
+            )
+        reconstruction = reconstruction.to(normalized.dtype)  # a bf16 autocast's output back to the input's dtype
         output = ImpureOutput(
             purified_pixel_values=(reconstruction * self.image_std + self.image_mean).clamp(0, 1),
             reconstruction=reconstruction,
@@ -602,6 +608,12 @@ class ImpureModel(ImpurePreTrainedModel):
             attentions=attentions,
         )
         return output if return_dict else output.to_tuple()
+
+    def _autocast(self, device: torch.device):
+        """torch.autocast in ``autocast_dtype`` when set (e.g. bf16 where it is measured faster), else nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
 
     def _purify_in_groups(self, normalized, draws, subset_of_patch, pos, dpos, h, w, output_hidden_states, output_attentions):
         """``_purify`` over groups of images sized by ``_chunk_sizes`` (without gradients, groups

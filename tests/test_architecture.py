@@ -16,7 +16,7 @@ OPTIONAL = {"gradio", "onnxruntime", "playwright", "pywt"}
 FLOORS = {
     "_version": 0, "_utils": 0, "photos": 0, "configuration_impure": 0, "image_processing_impure": 0, "losses": 0,
     "layers_impure": 1, "modeling_impure": 1,
-    "loading": 2, "convert": 2, "classifiers": 2, "attacks": 2, "baselines": 2,
+    "loading": 2, "precision": 2, "convert": 2, "classifiers": 2, "attacks": 2, "baselines": 2,
     "data": 3, "data_sources": 3, "defended": 3,
     "train": 4, "training_args": 4, "finetuning": 4,
     "evaluation": 5, "publishing": 5,
