@@ -41,6 +41,7 @@ from .photos import foolbox_imagenet_samples, package_file
 from .defended import amplified_perturbation
 from .image_processing_impure import ImpureImageProcessor, to_pil_rgb
 from .loading import load_purifier
+from .precision import DTYPES, set_precision
 from .publishing import publish_space, write_space  # noqa: F401  (their old home; `impure publish --space`)
 
 FALLBACK_MODEL = "impure-vit-tiny"  # stands in (untrained) while the embedded default is missing
@@ -172,6 +173,7 @@ class AttackDemo:
         classifier: Union[str, nn.Module] = "efficientnet_lite0",
         device: Union[str, torch.device, None] = None,
         seed: int = 0,
+        dtype: str = "fp32",
     ) -> "AttackDemo":
         """Load the purifier (a module, a preset name, a folder, a Hub id or None for the embedded
         default, else the untrained fallback) and the classifier (a module or a name for
@@ -192,6 +194,8 @@ class AttackDemo:
                         f"preset `{FALLBACK_MODEL}`. Everything runs, but the purified image is not purified.")
             if name in PRESETS and note is None:
                 note = f"`{name}` is a preset, built **untrained**: the page runs, but the purified image is not purified."
+        if hasattr(purifier, "autocast_dtype"):  # an ImpureModel: run it in the precision asked (auto: measured here)
+            print(set_precision(purifier, dtype), flush=True)
         if isinstance(classifier, str):
             classifier = load_classifier(classifier, device=device)
         return cls(purifier, classifier.to(device), seed=seed, model_name=str(name), note=note)
@@ -339,6 +343,7 @@ def build_app(
     *,
     device: Union[str, torch.device, None] = None,
     seed: int = 0,
+    dtype: str = "fp32",
 ):
     """The page as a ``gradio.Blocks``; call ``.launch()`` on it.
 
@@ -348,9 +353,10 @@ def build_app(
         classifier: the target classifier: a module taking [0, 1] images or a ``load_classifier`` name.
         device: where the models run (default: CUDA if available, else CPU).
         seed: seed of the attacks' random starts and the purifier's noise.
+        dtype: the purifier's precision: "fp32", "bf16" or "auto" (``impure_hf.precision``).
     """
     gr = _import_gradio()
-    demo = AttackDemo.load(model, classifier, device=device, seed=seed)
+    demo = AttackDemo.load(model, classifier, device=device, seed=seed, dtype=dtype)
     photos = [str(path) for path in packaged_photos()]
 
     @contextmanager
@@ -461,11 +467,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts and the purifier's noise")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="purifier precision: auto (bf16 autocast only where measured faster here; default), fp32 or bf16")
 
 
 def run(args: argparse.Namespace) -> int:
     """``impure app``: serve the page until interrupted."""
-    app = build_app(args.model, args.classifier, device=args.device, seed=args.seed)
+    app = build_app(args.model, args.classifier, device=args.device, seed=args.seed, dtype=args.dtype)
     app.launch(server_name=args.host, server_port=args.port, show_error=True)
     return 0
 

@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 from ._utils import atomic_write_json, atomic_write_text
 from .evaluation import evaluate
 from .loading import load_purifier
+from .precision import DTYPES, set_precision
 
 FAST_ATTACKS = ("fgsm", "pgd", "mifgsm")
 ALL_ATTACKS = ("fgsm", "cw", "deepfool", "pgd", "mifgsm", "difgsm", "mdfgsm", "apgd-ce", "apgd-dlr")
@@ -45,8 +46,12 @@ def run_demo(
     max_images: Optional[int] = None,
     device: Optional[str] = None,
     progress: bool = True,
+    dtype: str = "fp32",
 ) -> dict:
     """Run the demo once per seed and summarise; returns the summary (also written to ``out_dir``).
+
+    ``dtype``: the purifier's precision, "fp32", "bf16" or "auto" (bf16 where measured faster here;
+    see ``impure_hf.precision``); resolved once, before the seeds.
 
     Each seed's full evaluation (tables, CSV, JSON, cache) goes to ``out_dir/seed-<seed>``; the
     summary over seeds to ``out_dir/results.{md,csv,json}``, panels (first seed) to ``out_dir/panels``.
@@ -55,6 +60,8 @@ def run_demo(
     if not seeds:
         raise ValueError("run_demo needs at least one seed")
     purifier = load_purifier(model, device=device)
+    choice = set_precision(purifier, dtype)
+    print(choice, flush=True)
     baselines = [*SIMPLE_BASELINES, f"harmonic:patch_size={purifier.config.patch_size}"]
     start = time.perf_counter()
     per_seed = []
@@ -73,6 +80,7 @@ def run_demo(
                 panels=4 if i == 0 else 0,  # panels of the first seed only
                 device=device,
                 progress=progress,
+                dtype=choice.dtype,
             )
         )
         if i == 0:
@@ -242,11 +250,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="one seed only (same as --seeds N)")
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="fp32", choices=DTYPES,
+                        help="purifier precision: fp32 (default, the README's figures), bf16 autocast, or auto (bf16 only where measured faster here)")
 
 
 def run(args: argparse.Namespace) -> int:
     """``impure demo``."""
     attacks = ALL_ATTACKS if args.all_attacks else (args.attacks or FAST_ATTACKS)
     seeds = [args.seed] if args.seed is not None else args.seeds
-    run_demo(args.model, args.classifier, attacks, args.out, seeds, args.max_images, args.device)
+    run_demo(args.model, args.classifier, attacks, args.out, seeds, args.max_images, args.device, dtype=args.dtype)
     return 0

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ._utils import IMAGE_SUFFIXES, atomic_save_with
 from .image_processing_impure import ImpureImageProcessor, to_pil_rgb
 from .loading import load_purifier
+from .precision import DTYPES, set_precision
 
 PURIFY_SUFFIXES = IMAGE_SUFFIXES | {".gif"}  # GIF: the first frame
 OUTPUT_SUFFIX = "_purified.png"
@@ -165,6 +166,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=None, help="crop size (default: the model's image_size)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files (default: keep them)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="precision: auto (bf16 autocast only where measured faster on this machine; default), fp32 or bf16")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -178,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"impure purify: {err}", file=sys.stderr)
         return 2
+    print(set_precision(model, getattr(args, "dtype", "auto"), image_size=args.size), flush=True)
     processor = ImpureImageProcessor(crop_size=args.size or model.config.image_size)
     summary = purify_files(
         args.inputs, args.out, model, processor, seed=args.seed, overwrite=getattr(args, "overwrite", False)

@@ -90,3 +90,31 @@ def test_set_precision_makes_the_forward_run_in_bf16_and_back_in_fp32():
     hook.remove()
     again = model(x, generator=torch.Generator().manual_seed(1)).purified_pixel_values
     assert torch.equal(again, reference)
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bf16", "fp32"])
+def test_purify_command_says_which_precision_it_chose(dtype, tmp_path, capsys):
+    from PIL import Image
+
+    from conftest import real_photos
+    from impure_hf.cli import main
+
+    tiny_model().save_pretrained(tmp_path / "model")
+    photo = (real_photos(size=32, n=1)[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    code = main(["purify", str(tmp_path / "photo.png"), "--out", str(tmp_path / "out"), "--model", str(tmp_path / "model"), "--dtype", dtype])
+    assert code == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("precision: "))
+    assert line.split()[1] in (("fp32", "bf16") if dtype == "auto" else (dtype,))
+    assert ("measured" in line or "not faster" in line or "dB" in line) if dtype == "auto" else "requested" in line
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+def test_evaluation_cache_keys_keep_fp32_as_before_and_separate_bf16():
+    from impure_hf.evaluation.settings import EvalSettings
+
+    fp32 = EvalSettings().checked().cell_key(white_box=False, stochastic=True)
+    bf16 = EvalSettings(dtype="bf16").checked().cell_key(white_box=False, stochastic=True)
+    assert "dtype" not in fp32 and bf16 == {**fp32, "dtype": "bf16"}
+    with pytest.raises(ValueError, match="unknown dtype 'half'"):
+        EvalSettings(dtype="half").checked()

@@ -47,6 +47,7 @@ from ..baselines import build_baseline
 from ..classifiers import load_classifier
 from ..defended import PurifiedClassifier, is_stochastic
 from ..loading import load_purifier
+from ..precision import set_precision
 from .images import EvalImages, load_eval_images
 from .reports import _slug, _versions, _write_panels, write_reports
 from .settings import CLEAN, NO_DEFENCE, EvalSettings, _generator, _seed
@@ -468,6 +469,11 @@ def evaluate(
         torch.manual_seed(settings.seed)  # untrained presets get the same weights in every process
         if isinstance(purifier, str):
             purifier = load_purifier(purifier)
+    if hasattr(purifier, "autocast_dtype"):  # an ImpureModel: its precision (auto resolves to what was measured)
+        choice = set_precision(purifier, settings.dtype)
+        settings = dataclasses.replace(settings, dtype=choice.dtype)
+        if settings.dtype != "fp32" or choice.reason != "requested":
+            print(choice, flush=True)
     classifier_modules = [load_classifier(c) if isinstance(c, str) else c for c in classifiers]
     baseline_modules = [build_baseline(b) if isinstance(b, str) else b for b in baselines]
     image_size = settings.image_size
