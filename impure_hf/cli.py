@@ -73,6 +73,7 @@ def _make_dataset(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         extra_train_photos=args.extra_train_photos,
         validation_fraction=args.validation_fraction,
+        threads=args.threads,
     )
     if process_state().is_main_process:
         print(f"adversarial dataset written to {out} (card: {out / 'README.md'})")
@@ -98,6 +99,8 @@ def _add_make_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--shard-size", type=int, default=8, help="offline images or ImageNet classes per shard")
     parser.add_argument("--num-proc", type=int, default=1, help="worker processes on this machine")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per process, pinned and recorded: a build is exact per machine and thread count (default 1)")
     parser.add_argument("--device", default=None, help="device of the classifiers (default: cpu, or accelerate's)")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing build in output_dir first")
 

@@ -301,6 +301,7 @@ def build_adversarial_dataset(
     progress: bool = True,
     extra_train_photos: Sequence[PathLike] = (),
     validation_fraction: float = 0.2,
+    threads: int = 1,
 ) -> Path:
     """Build (or resume) an adversarial dataset folder loadable with [`load_adversarial_dataset`].
 
@@ -324,6 +325,10 @@ def build_adversarial_dataset(
             ``accelerate launch`` every launched process takes a share of the shards instead.
         device: where to run the classifiers (default: accelerate's device for this process,
             a GPU when there is one). Classifier objects are moved there and set to eval mode.
+        threads: torch threads per building process, pinned for the whole build and recorded in its
+            settings: PGD's sign steps turn the rounding differences of another thread count (or CPU)
+            into different adversarial images, so a build is exact per machine and thread count; a
+            resume with another count is refused rather than mixing shards.
         overwrite: delete an existing build in ``output_dir`` first (never other folders).
         progress: show a progress bar (main process only).
         extra_train_photos: offline source: more photo files or folders whose random crops join
@@ -395,6 +400,9 @@ def build_adversarial_dataset(
         settings["extra_train_photos"] = extra
     if kind != "offline" and folder_layout(source)["val"] is None:
         settings["validation_fraction"] = validation_fraction
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    settings["threads"] = threads
     plan = _plan(settings)  # lists the sources: raises on an empty folder before anything is written
     out = Path(output_dir)
     if state.is_main_process:
@@ -407,7 +415,6 @@ def build_adversarial_dataset(
     if state.is_main_process:
         print(f"{len(pending)} of {len(plan)} shards to build on {workers} process(es)", flush=True)
     if num_proc > 1 and pending:
-        threads = max(1, torch.get_num_threads() // num_proc)
         context = multiprocessing.get_context("spawn")  # fork is unsafe once torch threads exist
         with context.Pool(num_proc, _init_worker, (settings, classifiers, out, threads)) as pool:
             done = pool.imap_unordered(_run_worker, pending)
@@ -416,8 +423,13 @@ def build_adversarial_dataset(
     else:
         mine = pending[state.process_index :: state.num_processes]
         builder = _ShardBuilder(settings, classifiers, out) if mine else None
-        for shard in tqdm(mine, desc="adversarial shards", unit="shard", disable=hide_bar):
-            builder(shard)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for shard in tqdm(mine, desc="adversarial shards", unit="shard", disable=hide_bar):
+                builder(shard)
+        finally:
+            torch.set_num_threads(before)
     state.wait_for_everyone()
     if state.is_main_process:
         _write_card(out, settings, plan)
@@ -478,6 +490,8 @@ def _write_card(out: Path, settings: dict, plan: list[_Shard]) -> None:
         f"- source: {source}; sizes ({'images per class' if settings['source'] != 'offline' else 'images'}): "
         + ", ".join(f"{split} {n}" for split, n in settings["sizes"].items()),
         f"- image size {settings['image_size']} px, seed {settings['seed']}, batch size {settings['batch_size']}",
+        f"- {settings.get('threads', 'unrecorded')} torch thread(s) per process: the adversarial images are exact for "
+        "this machine and thread count (PGD's sign steps turn other rounding into other images), not across machines",
         "",
         "## Counts",
         "",

@@ -233,3 +233,23 @@ def test_extra_train_photos_join_the_train_crops(tmp_path):
         build_adversarial_dataset(tmp_path / "missing", lite0_small(), extra_train_photos=[tmp_path / "nope"], **settings)
     with pytest.raises(ValueError, match="extra_train_photos add to the offline source"):
         build_adversarial_dataset(tmp_path / "imagenet", lite0_small(), source=tmp_path, extra_train_photos=[extra], **settings)
+
+
+def test_build_pins_its_thread_count_records_it_and_refuses_to_resume_with_another(tmp_path, monkeypatch):
+    # the adversarial images are exact per machine and thread count, so a build runs at one pinned count
+    seen = []
+    real = data._ShardBuilder.__call__
+    monkeypatch.setattr(data._ShardBuilder, "__call__", lambda self, shard: (seen.append(torch.get_num_threads()), real(self, shard))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = build_adversarial_dataset(tmp_path / "b", lite0_small(), **{**SMALL_BUILD, "train_size": 2})
+        assert seen == [1, 1] and torch.get_num_threads() == 2  # pinned to the default 1 while building, then restored
+    finally:
+        torch.set_num_threads(before)
+    assert json.loads((out / ".build" / "config.json").read_text())["threads"] == 1
+    assert "1 torch thread(s) per process" in (out / "README.md").read_text()
+    with pytest.raises(ValueError, match="differing: threads"):
+        build_adversarial_dataset(out, lite0_small(), **{**SMALL_BUILD, "train_size": 2}, threads=2)
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        build_adversarial_dataset(tmp_path / "c", lite0_small(), **SMALL_BUILD, threads=0)
