@@ -15,10 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
-from PIL import Image
-from skimage import data as skimage_data
+
+from .photos import OFFLINE_PHOTOS, package_file, random_photo_crops
 
 DTYPES = ("auto", "fp32", "bf16")
 AGREEMENT_PSNR_DB = 40.0
@@ -55,17 +54,8 @@ def check_dtype(dtype: str) -> str:
 
 
 def _probe_photos(size: int, n: int) -> torch.Tensor:
-    """Real photos (scikit-image's astronaut, chelsea, coffee, rocket), centre-cropped to size x size in [0, 1]."""
-    names = ("astronaut", "chelsea", "coffee", "rocket")
-    images = []
-    for i in range(n):
-        array = getattr(skimage_data, names[i % len(names)])()
-        h, w = array.shape[:2]
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        pil = Image.fromarray(array[top : top + side, left : left + side]).resize((size, size), Image.BICUBIC)
-        images.append(torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1))
-    return torch.stack(images)
+    """Crops of real photos (the offline validation photos, never a test photo) at size x size in [0, 1]."""
+    return random_photo_crops([package_file(name) for name in OFFLINE_PHOTOS["validation"]], n, size=size, seed=0)
 
 
 def _purify(model, pixels: torch.Tensor, dtype: str, seed: int) -> torch.Tensor:
