@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 
 from ._utils import atomic_write_json, atomic_write_text
 from .evaluation import evaluate
+from .evaluation.settings import CLEAN, NO_DEFENCE
 from .loading import load_purifier
 from .precision import DTYPES, set_precision
 
@@ -33,8 +34,6 @@ FAST_ATTACKS = ("fgsm", "pgd", "mifgsm")
 ALL_ATTACKS = ("fgsm", "cw", "deepfool", "pgd", "mifgsm", "difgsm", "mdfgsm", "apgd-ce", "apgd-dlr")
 SIMPLE_BASELINES = ("jpeg", "bitdepth", "median", "resize-pad", "tv")
 DEMO_SEEDS = (0, 1, 2, 3)
-CLEAN = "clean"
-NO_DEFENCE = "none"
 
 
 def run_demo(
