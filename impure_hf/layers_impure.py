@@ -80,14 +80,18 @@ def uniform_division(h: int, w: int, num_subsets: int, device=None) -> torch.Ten
 
 def _rand(shape, generator, device, dtype=torch.float32, normal=False):
     """Draw on the generator's device (or ``device`` for the global generator), then move."""
-    gen_device = generator.device if generator is not None else device
     fn = torch.randn if normal else torch.rand
-    return fn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+    if generator is None:
+        # no generator keyword at all: its overload needs concrete sizes, which breaks a compiled
+        # forward once the batch dimension turns dynamic (a second batch size)
+        return fn(shape, device=device, dtype=dtype)
+    return fn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
 def _randint(low, high, shape, generator, device):
-    gen_device = generator.device if generator is not None else device
-    return torch.randint(low, high, shape, generator=generator, device=gen_device).to(device)
+    if generator is None:  # see _rand
+        return torch.randint(low, high, shape, device=device)
+    return torch.randint(low, high, shape, generator=generator, device=generator.device).to(device)
 
 
 # ---------------------------------------------------------------------------------- layers

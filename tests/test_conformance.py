@@ -171,3 +171,13 @@ def test_torch_compile_in_training_with_and_without_a_generator(photos):
     b = compiled(photos, generator=torch.Generator().manual_seed(6)).reconstruction
     c = model(photos, generator=torch.Generator().manual_seed(6)).reconstruction
     torch.testing.assert_close(b, c, rtol=0, atol=1e-5)
+
+
+def test_compiled_model_takes_a_new_batch_size_without_breaking():
+    """A second batch size makes the batch dimension dynamic in the compiled graph; the noise draws
+    (from the global RNG) must still trace (they did not while passing ``generator=None``)."""
+    model = tiny_model().eval()
+    compiled = torch.compile(model, backend="eager")
+    with torch.inference_mode():
+        for n in (2, 3, 4):
+            assert compiled(torch.rand(n, 3, 32, 32)).purified_pixel_values.shape == (n, 3, 32, 32)
