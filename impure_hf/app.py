@@ -195,7 +195,9 @@ class AttackDemo:
             if name in PRESETS and note is None:
                 note = f"`{name}` is a preset, built **untrained**: the page runs, but the purified image is not purified."
         if hasattr(purifier, "autocast_dtype"):  # an ImpureModel: run it in the precision asked (auto: measured here)
-            print(set_precision(purifier, dtype), flush=True)
+            choice = set_precision(purifier, dtype)
+            if dtype != "fp32":  # say what auto chose, or that bf16 was taken; plain fp32 needs no line
+                print(choice, flush=True)
         if isinstance(classifier, str):
             classifier = load_classifier(classifier, device=device)
         return cls(purifier, classifier.to(device), seed=seed, model_name=str(name), note=note)
