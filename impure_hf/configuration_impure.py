@@ -20,6 +20,7 @@ _DIVISIONS = ("uniform", "random")
 _IMAGE_MASKS = ("noise", "occlude", "none")
 _FEATURE_MASKS = ("noise", "none")
 _WINDOW_ROUNDINGS = ("floor", "ceil")
+_RESIDUAL_FILLS = (None, "harmonic")
 
 # Presets by name. "impure-vit-b" is the paper's ViT-B/16 setting (DESIGN.md section 2);
 # "impure-vit-b-release" is the authors' released variant: same sizes, but position tables
@@ -65,6 +66,11 @@ class ImpureConfig(PreTrainedConfig):
         use_head_token: prepend to each reconstruction a token made from the other subsets'
             cls outputs (release: ``decoder_head_embed``).
         use_conv_refine: 3x3 convolution after unpatchify (release: ``use_conv``).
+        residual_fill: ``None`` (paper, release) or ``"harmonic"``: the decoder predicts a
+            correction added to a non-learned fill of each patch from the one-pixel ring of its
+            neighbouring patches (harmonic inpainting, never from the patch itself), so training
+            starts at the non-learned control's quality. ``decoder_pred`` starts at zero. Not part
+            of the paper; off in every preset.
         pos_embed_grid: side of the fixed sin-cos position table; None = image_size / patch_size.
             A larger grid (28 in the release) gives each input a window of it: random offset in
             training, centred in eval (see ``eval_window_rounding``).
@@ -108,6 +114,7 @@ class ImpureConfig(PreTrainedConfig):
         fusion_layers: Sequence[int] = (0, 2, 4, 6, 8),
         use_head_token: bool = True,
         use_conv_refine: bool = True,
+        residual_fill: Optional[str] = None,
         pos_embed_grid: Optional[int] = None,
         eval_window_rounding: str = "floor",
         decoder_chunk_size: Optional[int] = None,
@@ -142,6 +149,7 @@ class ImpureConfig(PreTrainedConfig):
         self.fusion_layers = list(fusion_layers)
         self.use_head_token = use_head_token
         self.use_conv_refine = use_conv_refine
+        self.residual_fill = residual_fill
         self.pos_embed_grid = pos_embed_grid
         self.eval_window_rounding = eval_window_rounding
         self.decoder_chunk_size = decoder_chunk_size
@@ -247,6 +255,8 @@ class ImpureConfig(PreTrainedConfig):
             raise ValueError(
                 f"{self.grid_size}x{self.grid_size} patches cannot be split into {self.num_subsets} equal subsets"
             )
+        if self.residual_fill not in _RESIDUAL_FILLS:
+            raise ValueError(f"residual_fill must be one of {_RESIDUAL_FILLS}, got {self.residual_fill!r}")
         if self.pos_embed_grid is not None:
             positive(pos_embed_grid=self.pos_embed_grid)
         if self.eval_window_rounding not in _WINDOW_ROUNDINGS:

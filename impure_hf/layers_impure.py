@@ -1,5 +1,5 @@
 """IMPure's building blocks: sin-cos position tables, the noise schedule, the uniform division,
-random draws on a generator's device, and the transformer layers (attention through transformers'
+random draws on a generator's device, the harmonic patch fill, and the transformer layers (attention through transformers'
 interface, MLP, gradient-checkpointing block, patch embedding).
 
 Split from modeling_impure.py, which assembles them into ``ImpureModel``, to keep both files short.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,6 +77,102 @@ def uniform_division(h: int, w: int, num_subsets: int, device=None) -> torch.Ten
     i = torch.arange(h // k, device=device).view(1, 1, -1, 1)
     j = torch.arange(w // k, device=device).view(1, 1, 1, -1)
     return ((a + k * i) * w + b + k * j).reshape(-1)
+
+
+class HarmonicPatchFill(nn.Module):
+    """Each ``patch_size`` patch filled from the pixels around it, never from its own.
+
+    Harmonic inpainting (the discrete Laplace equation): each patch is a hole whose Dirichlet
+    boundary is the one-pixel ring of neighbouring patches' pixels around it (a Neumann boundary
+    along the image border). Under the uniform division every neighbour of a patch lies in another
+    subset, so this is RIAE's rule without learning. The fill is a fixed linear map of the ring,
+    solved once per hole shape; its weights sum to one, so it commutes with per-channel
+    normalisation. Used by the ``harmonic`` baseline and by ``ImpureConfig.residual_fill``.
+    """
+
+    def __init__(self, patch_size: int):
+        super().__init__()
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be positive, got {patch_size}")
+        self.patch_size = int(patch_size)
+        self._plans: dict = {}
+
+    def extra_repr(self) -> str:
+        return f"patch_size={self.patch_size}"
+
+    @staticmethod
+    def _hole_solution(hh: int, ww: int, sides: tuple[bool, bool, bool, bool]) -> tuple[np.ndarray, np.ndarray]:
+        """Harmonic fill of an hh x ww hole from its ring: (n, m) weights and (m, 2) ring offsets.
+
+        ``sides`` says which of (top, bottom, left, right) has known pixels (False: image border).
+        """
+        top, bottom, left, right = sides
+        ring = (
+            [(-1, c) for c in range(ww) if top]
+            + [(hh, c) for c in range(ww) if bottom]
+            + [(r, -1) for r in range(hh) if left]
+            + [(r, ww) for r in range(hh) if right]
+        )
+        ring_index = {pos: j for j, pos in enumerate(ring)}
+        n = hh * ww
+        laplacian = np.zeros((n, n))
+        boundary = np.zeros((n, len(ring)))
+        for r in range(hh):
+            for c in range(ww):
+                i = r * ww + c
+                for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                    if 0 <= nr < hh and 0 <= nc < ww:
+                        laplacian[i, i] += 1
+                        laplacian[i, nr * ww + nc] -= 1
+                    elif (nr, nc) in ring_index:
+                        laplacian[i, i] += 1
+                        boundary[i, ring_index[(nr, nc)]] += 1
+                    # else: outside the image, Neumann (no term)
+        return np.linalg.solve(laplacian, boundary), np.array(ring).reshape(-1, 2)
+
+    def _plan(self, height: int, width: int, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+        """Groups of equally shaped holes: (hole pixel indices (K, n), ring indices (K, m), weights (n, m))."""
+        key = (height, width, str(device))
+        if key in self._plans:
+            return self._plans[key]
+        p = self.patch_size
+        if height <= p and width <= p:
+            raise ValueError(f"image {height}x{width} is a single {p}-pixel patch: nothing to inpaint it from")
+        groups: dict = {}
+        for y0 in range(0, height, p):
+            for x0 in range(0, width, p):
+                hh, ww = min(p, height - y0), min(p, width - x0)
+                sides = (y0 > 0, y0 + hh < height, x0 > 0, x0 + ww < width)
+                groups.setdefault((hh, ww, sides), []).append((y0, x0))
+        plan = []
+        for (hh, ww, sides), origins in groups.items():
+            weights, ring = self._hole_solution(hh, ww, sides)
+            origins = np.array(origins)
+            rr, cc = np.divmod(np.arange(hh * ww), ww)
+            holes = (origins[:, :1] + rr) * width + origins[:, 1:] + cc  # (K, n) flat pixel indices
+            rings = (origins[:, :1] + ring[:, 0]) * width + origins[:, 1:] + ring[:, 1]  # (K, m)
+            plan.append(
+                (
+                    torch.from_numpy(holes).to(device),
+                    torch.from_numpy(rings).to(device),
+                    torch.from_numpy(weights).float().to(device),
+                )
+            )
+        self._plans[key] = plan
+        return plan
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> the fill (N, C, H, W), unclamped."""
+        n, c, h, w = images.shape
+        flat = images.reshape(n, c, h * w)
+        fills, holes = [], []
+        for hole_index, ring_index, weights in self._plan(h, w, images.device):
+            ring = flat[:, :, ring_index]  # (N, C, K, m)
+            fills.append((ring @ weights.to(flat).T).reshape(n, c, -1))
+            holes.append(hole_index.reshape(-1))
+        # the holes tile the image exactly once: undo their concatenation order
+        order = torch.argsort(torch.cat(holes))
+        return torch.cat(fills, dim=-1)[:, :, order].reshape(n, c, h, w)
 
 
 def _rand(shape, generator, device, dtype=torch.float32, normal=False):

@@ -35,6 +35,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_impure import ImpureConfig
 from .layers_impure import (  # noqa: F401  (the helpers and layers were defined here before; still importable from here)
+    HarmonicPatchFill,
     ImpureAttention,
     ImpureLayer,
     ImpureMLP,
@@ -156,6 +157,10 @@ class ImpurePreTrainedModel(PreTrainedModel):
             init.normal_(module.mask_token, std=std)
             if module.proj_weights is not None:
                 init.ones_(module.proj_weights)
+            if module.residual_fill is not None:
+                # the correction starts at zero: the untrained model is the non-learned fill
+                init.zeros_(module.decoder_pred.weight)
+                init.zeros_(module.decoder_pred.bias)
             # fixed tables: rebuilt, never learned
             init.copy_(module.pos_embed, sincos_table(module.config.hidden_size, module.config.pos_grid))
             init.copy_(
@@ -223,6 +228,8 @@ class ImpureModel(ImpurePreTrainedModel):
         self.decoder_rb1 = (
             nn.Conv2d(c.num_channels, c.num_channels, 3, padding=1) if c.use_conv_refine else None
         )
+        # optional non-learned fill under the learned correction (no parameters, nothing to load)
+        self.residual_fill = HarmonicPatchFill(c.patch_size) if c.residual_fill == "harmonic" else None
         self.register_buffer("image_mean", torch.tensor(c.image_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(c.image_std).view(1, -1, 1, 1), persistent=False)
         # mirrors the blocks' flag: transformers sets it with theirs, callers read it (train.py)
@@ -671,7 +678,11 @@ class ImpureModel(ImpurePreTrainedModel):
                 hidden_states = tuple(state[:rows] for state in hidden_states)
             if attentions is not None:
                 attentions = tuple(None if a is None else a[:rows] for a in attentions)
-        return self.forward_output(decoded, h, w), hidden_states, attentions
+        reconstruction = self.forward_output(decoded, h, w)
+        if self.residual_fill is not None:
+            # the correction goes on top of a fill from each patch's neighbours (never the patch)
+            reconstruction = reconstruction + self.residual_fill(normalized)
+        return reconstruction, hidden_states, attentions
 
     @torch.no_grad()
     def purify(self, pixel_values: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs) -> torch.Tensor:

@@ -364,6 +364,10 @@ class ImpureTrainer:
         clean, adversarial = batch["clean"], batch["adversarial"]
         if self.config.train_crop_size is not None:
             clean, adversarial = random_crop_pairs(clean, adversarial, self.config.train_crop_size, self.generator)
+        if self.config.clean_fraction > 0:
+            # some images go in unattacked: RCM then mixes the purified image with the clean one
+            pick = torch.rand(clean.shape[0], generator=self.generator, device=self.generator.device) < self.config.clean_fraction
+            adversarial = torch.where(pick.to(clean.device).view(-1, 1, 1, 1), clean, adversarial)
         output = self.model(adversarial, generator=self.generator)
         return self.objective(output.reconstruction, clean, adversarial, generator=self.generator)
 

@@ -59,6 +59,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = _help("recompute transformer blocks in backward to save memory", default=False)
     freeze_encoder: bool = _help("train only the decoder side (fine-tuning)", default=False)
     train_crop_size: Optional[int] = _help("train on random aligned crops (with flips) of this side from each clean/adversarial pair; the position window covers the rest", default=None)
+    clean_fraction: float = _help("fraction of training images given to the purifier clean instead of attacked (the loss still asks for the clean image), so that it learns to keep clean images' predictions too", default=0.0)
     # losses
     perceptual_loss: str = _help("'vgg19' (paper), 'vgg19_bn_release' (authors' code), 'classifier' (the target classifier's layers) or 'none'", default="vgg19")
     perceptual_pretrained: bool = _help("ImageNet weights for the VGG perceptual networks (torchvision)", default=True)
@@ -102,6 +103,7 @@ class TrainingConfig:
         check(self.perceptual_loss in PERCEPTUAL_LOSSES, f"perceptual_loss must be one of {PERCEPTUAL_LOSSES}, got {self.perceptual_loss!r}")
         check(self.rcm_max_chunks >= 2, f"rcm_max_chunks must be at least 2, got {self.rcm_max_chunks}")
         check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        check(0 <= self.clean_fraction <= 1, f"clean_fraction must lie in [0, 1], got {self.clean_fraction}")
         check(self.train_crop_size is None or self.train_crop_size >= 1, f"train_crop_size must be a positive integer or none, got {self.train_crop_size}")
         if self.perceptual_layers is not None:
             check(isinstance(self.perceptual_layers, dict) and len(self.perceptual_layers) > 0, f"perceptual_layers must be a non-empty mapping of layer name to weight, got {self.perceptual_layers!r}")

@@ -77,12 +77,26 @@ def _own_and_other_gradients(model, x, division):
 
 @pytest.mark.parametrize("division", ["uniform", "random"])
 @pytest.mark.parametrize("feature_mask", ["none", "noise"])
-def test_occlusion_no_output_patch_depends_on_its_own_input(division, feature_mask):
-    model = tiny_model(use_conv_refine=False, image_mask="occlude", feature_mask=feature_mask).train()
+@pytest.mark.parametrize("residual_fill", [None, "harmonic"])
+def test_occlusion_no_output_patch_depends_on_its_own_input(division, feature_mask, residual_fill):
+    model = tiny_model(use_conv_refine=False, image_mask="occlude", feature_mask=feature_mask, residual_fill=residual_fill).train()
     x = real_photos(n=1)
     own, other = _own_and_other_gradients(model, x, division)
     assert torch.all(own == 0), "an output patch depends on its own input patch"
     assert torch.all(other > 0), "an output patch ignores the other subsets"
+
+
+def test_residual_fill_starts_at_the_harmonic_control_and_learns_a_correction():
+    from impure_hf.baselines import HarmonicInpainting
+
+    x = real_photos(n=3)
+    control = HarmonicInpainting(patch_size=tiny_config().patch_size)(x)
+    untrained = ImpureModel(tiny_config(residual_fill="harmonic")).eval()
+    out = untrained.purify(x, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, control, atol=1e-5, rtol=0)
+    # the correction is the decoder's: with trained (here: perturbed) weights the output moves away
+    moved = tiny_model(residual_fill="harmonic").eval().purify(x, generator=torch.Generator().manual_seed(0))
+    assert (moved - control).abs().mean() > 1e-2
 
 
 def test_image_noise_masking_only_lets_a_diffused_copy_through():
@@ -261,6 +275,7 @@ def test_bad_inputs_have_clear_errors():
         (dict(num_subsets=3), "square num_subsets"),
         (dict(image_size=36), "divisible by 2"),
         (dict(image_mask="blur"), "image_mask must be one of"),
+        (dict(residual_fill="bilinear"), "residual_fill must be one of"),
         (dict(fusion_layers=(0, 9)), r"fusion_layers \[9\]"),
         (dict(image_noise_steps=(600, 200)), "image_noise_steps"),
         (dict(hidden_size=30), "divisible by num_attention_heads"),

@@ -86,6 +86,7 @@ def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         (dict(max_grad_norm=0), "max_grad_norm must be positive"),
         (dict(perceptual_loss="none", perceptual_layers={"features.26": 1.0}), "perceptual_loss is 'none'"),
         (dict(warmup_epochs=-1), "warmup_epochs must be >= 0"),
+        (dict(clean_fraction=1.5), "clean_fraction must lie in"),
     ],
 )
 def test_bad_config_values_are_rejected(values, message):
@@ -167,6 +168,25 @@ def test_interrupt_and_resume_equals_straight_training(tmp_path, lite0):
     assert (tmp_path / "straight" / "best" / "model.safetensors").is_file()
     assert (tmp_path / "resumed" / "loss_curves.png").stat().st_size > 0
     assert "eval/top1" in (tmp_path / "resumed" / "training_log.csv").read_text()
+
+
+def test_clean_fraction_gives_the_purifier_clean_images(tmp_path):
+    data = pair_dataset(4)
+    clean = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1) for im in data["clean"]])
+    adversarial = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1) for im in data["adversarial"]])
+
+    def inputs_seen(fraction):
+        model, seen = tiny_model(), []
+        model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+        train(config(tmp_path, f"f{fraction}", max_steps=2, clean_fraction=fraction, eval_split="none"), model, data)
+        return torch.cat(seen)
+
+    def rows_of(batch, images):  # is every row of batch one of images?
+        return all(any(torch.allclose(row, image, atol=1e-6) for image in images) for row in batch)
+
+    with_clean, without = inputs_seen(1.0), inputs_seen(0.0)
+    assert rows_of(with_clean, clean) and not rows_of(with_clean, adversarial)
+    assert rows_of(without, adversarial) and not rows_of(without, clean)
 
 
 # ---------------------------------------------------------------------------------- flags
