@@ -198,6 +198,15 @@ def test_bad_settings_fail_clearly(classifier, photos):
         evaluate(classifiers=[classifier], data=photos, eps=16, baselines=[], progress=False)
     with pytest.raises(ValueError, match="unknown baseline"):
         evaluate(classifiers=[classifier], data=photos, baselines=["blur"], progress=False)
+    with pytest.raises(ValueError, match="'none' cannot be combined"):
+        evaluate(classifiers=[classifier], data=photos, baselines=["none", "tv"], progress=False)
+
+
+def test_baselines_none_flag_means_no_baseline():
+    from impure_hf.evaluation.settings import EvalSettings
+
+    assert EvalSettings(baselines=["none"]).checked().baselines == []
+    assert EvalSettings(baselines=["tv"]).checked().baselines == ["tv"]
 
 
 def test_image_folders_give_labels_from_file_names_or_none(tmp_path):

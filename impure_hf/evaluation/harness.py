@@ -50,7 +50,7 @@ from ..loading import load_purifier
 from ..precision import set_precision
 from .images import EvalImages, load_eval_images
 from .reports import _slug, _versions, _write_panels, write_reports
-from .settings import CLEAN, NO_DEFENCE, EvalSettings, _generator, _seed
+from .settings import CLEAN, NO_DEFENCE, EvalSettings, _generator, _seed, no_baseline_if_none
 
 
 # ---------------------------------------------------------------------------------- attack labels
@@ -459,7 +459,7 @@ def evaluate(
     settings = dataclasses.replace(settings or EvalSettings(), **options).checked()
     purifier = settings.purifier if purifier is None else purifier
     classifiers = settings.classifiers if classifiers is None else classifiers
-    baselines = settings.baselines if baselines is None else baselines
+    baselines = settings.baselines if baselines is None else no_baseline_if_none(baselines)
     data = settings.data if data is None else data
     if isinstance(purifier, str):  # a folder is named by its last component, a preset or Hub id as given
         purifier_name = Path(purifier).name if Path(purifier).exists() else purifier

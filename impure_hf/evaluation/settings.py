@@ -31,6 +31,16 @@ def _option(default: Any = None, help: str = "", **metadata) -> Any:
     return field(default=default, metadata={"help": help, **metadata})
 
 
+def no_baseline_if_none(baselines) -> list:
+    """``["none"]`` (the flag's way to ask for no baseline) -> ``[]``; other lists unchanged."""
+    baselines = list(baselines)
+    if any(isinstance(b, str) and b == "none" for b in baselines):
+        if len(baselines) > 1:
+            raise ValueError(f"baselines 'none' cannot be combined with others, got {baselines}")
+        return []
+    return baselines
+
+
 @dataclass
 class EvalSettings:
     """What ``evaluate`` measures and how. Every field is also a flag of ``impure evaluate``.
@@ -88,9 +98,10 @@ class EvalSettings:
         check_dtype(self.dtype)
         if not isinstance(self.panels, int) or isinstance(self.panels, bool) or self.panels < 0:
             raise ValueError(f"panels must be a non-negative integer (0: no panels), got {self.panels!r}")
+        baselines = no_baseline_if_none(self.baselines)
         return dataclasses.replace(
             self, attacks=attacks, adaptive_attacks=list(self.adaptive_attacks), threat_models=list(self.threat_models),
-            baselines=list(self.baselines), eps=check_eps(self.eps),
+            baselines=baselines, eps=check_eps(self.eps),
             # text, so that the report's config is JSON (a Path or torch.device may come in)
             out_dir=None if self.out_dir is None else str(self.out_dir),
             device=None if self.device is None else str(self.device),
