@@ -50,6 +50,21 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(keys).generate_state(1)[0])
 
 
+def distinct_names(paths: Sequence[str]) -> list[str]:
+    """Short provenance names of photo files: ``folder/file``, lengthened by parent folders until no
+    two files share one (KDE wallpapers are all ``<Name>/contents/images/2560x1600.jpg``)."""
+    parts = [Path(p).parts for p in paths]
+    depth = [2] * len(parts)
+    while True:
+        names = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        clashing = {n for n in names if names.count(n) > 1}
+        grow = [i for i, n in enumerate(names) if n in clashing and depth[i] < len(parts[i])]
+        if not grow:
+            return names
+        for i in grow:
+            depth[i] += 1
+
+
 def offline_pools(split: str, size: int, seed: int, extra_train_photos: Sequence[str] = ()) -> list[Pool]:
     if split == "test":
         samples = foolbox_imagenet_samples()[:size]
@@ -57,7 +72,7 @@ def offline_pools(split: str, size: int, seed: int, extra_train_photos: Sequence
     # (source id, file): packaged photos by package-relative name, extra photos by folder/name
     photos = [(name, str(package_file(name))) for name in OFFLINE_PHOTOS[split]]
     if split == "train":
-        photos += [(f"{Path(path).parent.name}/{Path(path).name}", path) for path in extra_train_photos]
+        photos += list(zip(distinct_names(extra_train_photos), map(str, extra_train_photos)))
     pools = []
     for i in range(size):
         name, path = photos[i % len(photos)]

@@ -253,3 +253,15 @@ def test_build_pins_its_thread_count_records_it_and_refuses_to_resume_with_anoth
         build_adversarial_dataset(out, lite0_small(), **{**SMALL_BUILD, "train_size": 2}, threads=2)
     with pytest.raises(ValueError, match="threads must be a positive integer"):
         build_adversarial_dataset(tmp_path / "c", lite0_small(), **SMALL_BUILD, threads=0)
+
+
+def test_extra_photo_names_stay_distinct_when_files_share_a_folder_and_name():
+    from impure_hf.data_sources import distinct_names
+
+    kde = [f"/usr/share/wallpapers/{name}/contents/images/2560x1600.jpg" for name in ("BytheWater", "Path")]
+    names = distinct_names([*kde, "/usr/share/backgrounds/mate/nature/Aqua.jpg"])
+    assert names == [
+        "BytheWater/contents/images/2560x1600.jpg",
+        "Path/contents/images/2560x1600.jpg",
+        "nature/Aqua.jpg",  # no clash: the short folder/file name, as before
+    ]
