@@ -279,7 +279,10 @@ class HarmonicInpainting(Purifier):
     def __init__(self, patch_size: int = 16):
         super().__init__()
         self.fill = HarmonicPatchFill(patch_size)
-        self.patch_size = self.fill.patch_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.fill.patch_size
 
     def extra_repr(self) -> str:
         return f"patch_size={self.patch_size}"
