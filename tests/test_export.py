@@ -52,3 +52,15 @@ def test_check_rejects_a_graph_of_other_weights(tmp_path):
 def _saved(model, tmp_path) -> str:
     model.save_pretrained(tmp_path / "model")
     return str(tmp_path / "model")
+
+
+def test_residual_fill_model_exports_and_replays_eager(tmp_path, capsys):
+    # the harmonic fill's solve plan is built with numpy on first use: it must become constants of
+    # the graph, and the graph must still take other images (a batch size it was not traced with)
+    model = tiny_model(residual_fill="harmonic").eval()
+    out = tmp_path / "purifier.onnx"
+    assert main(["export", _saved(model, tmp_path), "--out", str(out)]) == 0
+    assert "onnxruntime matches eager" in capsys.readouterr().out
+    wrapper = PurifierWithNoiseInputs(model)
+    inputs = (real_photos(n=3), *wrapper.example_inputs(3, 32, seed=5)[1:])
+    assert check_onnx(out, wrapper, inputs) <= 1e-4
