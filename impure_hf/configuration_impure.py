@@ -71,6 +71,11 @@ class ImpureConfig(PreTrainedConfig):
             neighbouring patches (harmonic inpainting, never from the patch itself), so training
             starts at the non-learned control's quality. ``decoder_pred`` starts at zero. Not part
             of the paper; off in every preset.
+        own_patch_gate: with ``residual_fill`` and ImgNoise only: a linear head on the decoder
+            features gives, per pixel, a coefficient ``g`` (zero at init, unconstrained) and the
+            output moves from the fill towards the patch's own diffused copy (rescaled to the
+            input's scale): ``fill + correction + g * (copy - fill)``. The patch still enters only
+            through the noised copy, as with ImgNoise alone. Not part of the paper; off in every preset.
         pos_embed_grid: side of the fixed sin-cos position table; None = image_size / patch_size.
             A larger grid (28 in the release) gives each input a window of it: random offset in
             training, centred in eval (see ``eval_window_rounding``).
@@ -115,6 +120,7 @@ class ImpureConfig(PreTrainedConfig):
         use_head_token: bool = True,
         use_conv_refine: bool = True,
         residual_fill: Optional[str] = None,
+        own_patch_gate: bool = False,
         pos_embed_grid: Optional[int] = None,
         eval_window_rounding: str = "floor",
         decoder_chunk_size: Optional[int] = None,
@@ -150,6 +156,7 @@ class ImpureConfig(PreTrainedConfig):
         self.use_head_token = use_head_token
         self.use_conv_refine = use_conv_refine
         self.residual_fill = residual_fill
+        self.own_patch_gate = own_patch_gate
         self.pos_embed_grid = pos_embed_grid
         self.eval_window_rounding = eval_window_rounding
         self.decoder_chunk_size = decoder_chunk_size
@@ -257,6 +264,12 @@ class ImpureConfig(PreTrainedConfig):
             )
         if self.residual_fill not in _RESIDUAL_FILLS:
             raise ValueError(f"residual_fill must be one of {_RESIDUAL_FILLS}, got {self.residual_fill!r}")
+        if self.own_patch_gate and (self.residual_fill is None or self.image_mask != "noise"):
+            raise ValueError(
+                "own_patch_gate needs residual_fill (the fill it moves away from) and image_mask='noise' "
+                f"(the diffused copy it moves towards); got residual_fill={self.residual_fill!r}, "
+                f"image_mask={self.image_mask!r}"
+            )
         if self.pos_embed_grid is not None:
             positive(pos_embed_grid=self.pos_embed_grid)
         if self.eval_window_rounding not in _WINDOW_ROUNDINGS:

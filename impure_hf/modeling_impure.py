@@ -161,6 +161,9 @@ class ImpurePreTrainedModel(PreTrainedModel):
                 # the correction starts at zero: the untrained model is the non-learned fill
                 init.zeros_(module.decoder_pred.weight)
                 init.zeros_(module.decoder_pred.bias)
+            if module.own_patch_gate is not None:  # and the gate too: still the non-learned fill
+                init.zeros_(module.own_patch_gate.weight)
+                init.zeros_(module.own_patch_gate.bias)
             # fixed tables: rebuilt, never learned
             init.copy_(module.pos_embed, sincos_table(module.config.hidden_size, module.config.pos_grid))
             init.copy_(
@@ -230,6 +233,8 @@ class ImpureModel(ImpurePreTrainedModel):
         )
         # optional non-learned fill under the learned correction (no parameters, nothing to load)
         self.residual_fill = HarmonicPatchFill(c.patch_size) if c.residual_fill == "harmonic" else None
+        # optional per-pixel coefficient towards the patch's own diffused copy (see ImpureConfig)
+        self.own_patch_gate = nn.Linear(ddim, c.patch_size**2 * c.num_channels) if c.own_patch_gate else None
         self.register_buffer("image_mean", torch.tensor(c.image_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(c.image_std).view(1, -1, 1, 1), persistent=False)
         # mirrors the blocks' flag: transformers sets it with theirs, callers read it (train.py)
@@ -681,7 +686,13 @@ class ImpureModel(ImpurePreTrainedModel):
         reconstruction = self.forward_output(decoded, h, w)
         if self.residual_fill is not None:
             # the correction goes on top of a fill from each patch's neighbours (never the patch)
-            reconstruction = reconstruction + self.residual_fill(normalized)
+            fill = self.residual_fill(normalized)
+            reconstruction = reconstruction + fill
+            if self.own_patch_gate is not None:
+                # how far each pixel trusts its own noised copy (rescaled to the input's scale) over the fill
+                gate = self.unpatchify(self.own_patch_gate(decoded), h, w)
+                signal = self.sqrt_alphas_cumprod[draws.image_noise_step].view(-1, 1, 1, 1).to(images.dtype)
+                reconstruction = reconstruction + gate * (images[N:] / signal - fill)
         return reconstruction, hidden_states, attentions
 
     @torch.no_grad()

@@ -86,17 +86,37 @@ def test_occlusion_no_output_patch_depends_on_its_own_input(division, feature_ma
     assert torch.all(other > 0), "an output patch ignores the other subsets"
 
 
-def test_residual_fill_starts_at_the_harmonic_control_and_learns_a_correction():
+@pytest.mark.parametrize("own_patch_gate", [False, True])
+def test_residual_fill_starts_at_the_harmonic_control_and_learns_a_correction(own_patch_gate):
     from impure_hf.baselines import HarmonicInpainting
 
     x = real_photos(n=3)
     control = HarmonicInpainting(patch_size=tiny_config().patch_size)(x)
-    untrained = ImpureModel(tiny_config(residual_fill="harmonic")).eval()
+    untrained = ImpureModel(tiny_config(residual_fill="harmonic", own_patch_gate=own_patch_gate)).eval()
     out = untrained.purify(x, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, control, atol=1e-5, rtol=0)
     # the correction is the decoder's: with trained (here: perturbed) weights the output moves away
-    moved = tiny_model(residual_fill="harmonic").eval().purify(x, generator=torch.Generator().manual_seed(0))
+    moved = tiny_model(residual_fill="harmonic", own_patch_gate=own_patch_gate).eval()
+    moved = moved.purify(x, generator=torch.Generator().manual_seed(0))
     assert (moved - control).abs().mean() > 1e-2
+
+
+def test_own_patch_gate_moves_each_pixel_from_the_fill_to_its_own_noised_copy():
+    from impure_hf.baselines import HarmonicInpainting
+
+    x = real_photos(n=2)
+    model = ImpureModel(tiny_config(residual_fill="harmonic", own_patch_gate=True)).eval()
+    c = model.config
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    step = torch.full((2,), 30)
+    copy = x + noise * (model.sqrt_one_minus_alphas_cumprod[30] / model.sqrt_alphas_cumprod[30]) * model.image_std
+    control = HarmonicInpainting(patch_size=c.patch_size)(x)
+    for g in (1.0, 0.25):
+        with torch.no_grad():
+            model.own_patch_gate.bias.fill_(g)
+        out = model(x, noise=ImpureNoise(image_noise=noise, image_noise_step=step, feature_noise=torch.zeros(2, 64, c.decoder_hidden_size)))
+        expected = (control + g * (copy - control)).clamp(0, 1)
+        torch.testing.assert_close(out.purified_pixel_values, expected, atol=1e-5, rtol=0)
 
 
 def test_image_noise_masking_only_lets_a_diffused_copy_through():
@@ -276,6 +296,8 @@ def test_bad_inputs_have_clear_errors():
         (dict(image_size=36), "divisible by 2"),
         (dict(image_mask="blur"), "image_mask must be one of"),
         (dict(residual_fill="bilinear"), "residual_fill must be one of"),
+        (dict(own_patch_gate=True), "own_patch_gate needs residual_fill"),
+        (dict(own_patch_gate=True, residual_fill="harmonic", image_mask="occlude"), "image_mask='noise'"),
         (dict(fusion_layers=(0, 9)), r"fusion_layers \[9\]"),
         (dict(image_noise_steps=(600, 200)), "image_noise_steps"),
         (dict(hidden_size=30), "divisible by num_attention_heads"),
