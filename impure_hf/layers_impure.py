@@ -23,6 +23,12 @@ from .configuration_impure import ImpureConfig
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _is_tracing() -> bool:
+    """True under torch.compile, torch.export and jit tracing: no data-dependent Python branches there."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.compiler.is_compiling() or exporting() or torch.jit.is_tracing()
+
+
 def sincos_pos_embed(width: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """MAE 2-D sin-cos embedding of grid cells: first half encodes the column, second the row.
 

@@ -41,6 +41,7 @@ from .layers_impure import (  # noqa: F401  (the helpers and layers were defined
     ImpureMLP,
     ImpurePatchEmbed,
     _rand,
+    _is_tracing,
     _randint,
     eager_attention_forward,
     noise_schedule,
@@ -53,12 +54,6 @@ try:  # transformers >= 5 initialisers skip weights already loaded from a checkp
     from transformers import initialization as init
 except ImportError:  # transformers 4.x
     init = nn.init
-
-
-def _is_tracing() -> bool:
-    """True under torch.compile, torch.export and jit tracing: no data-dependent Python branches there."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return torch.compiler.is_compiling() or exporting() or torch.jit.is_tracing()
 
 
 # ---------------------------------------------------------------------------------- outputs
@@ -688,11 +683,9 @@ class ImpureModel(ImpurePreTrainedModel):
             # the correction goes on top of a fill from each patch's neighbours (never the patch)
             fill = self.residual_fill(normalized)
             reconstruction = reconstruction + fill
-            if self.own_patch_gate is not None:
-                # how far each pixel trusts its own noised copy (rescaled to the input's scale) over the fill
-                gate = self.unpatchify(self.own_patch_gate(decoded), h, w)
+            if self.own_patch_gate is not None:  # per pixel, towards the own noised copy (at the input's scale)
                 signal = self.sqrt_alphas_cumprod[draws.image_noise_step].view(-1, 1, 1, 1).to(images.dtype)
-                reconstruction = reconstruction + gate * (images[N:] / signal - fill)
+                reconstruction = reconstruction + self.unpatchify(self.own_patch_gate(decoded), h, w) * (images[N:] / signal - fill)
         return reconstruction, hidden_states, attentions
 
     @torch.no_grad()
