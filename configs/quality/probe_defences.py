@@ -8,7 +8,9 @@ plus "detector-gated" versions: identity when the photo's estimated noise level 
 no foolbox photos: run it on the validation folder only.
 
     python configs/quality/probe_defences.py --data runs/validation --evals runs/valeval --seeds 0 1 2 3 \
-        --calibration $(sh configs/quality/photos.sh configs/quality/train_photos.txt) --out runs/probe
+        --calibration $(python -c "from impure_hf.data import OFFLINE_PHOTOS, package_file; \
+            print(*(package_file(n) for n in OFFLINE_PHOTOS['train']))") \
+            $(sh configs/quality/photos.sh configs/quality/train_photos.txt) --out runs/probe
 
 The gate's threshold is a quantile (--quantile) of the noise estimates of the --calibration photos (clean training photos,
 framed as the evaluation frames them), so nothing of the validation or test photos sets it. --purifiers adds
@@ -83,21 +85,19 @@ class Chain(torch.nn.Module):
 class Purify(torch.nn.Module):
     """An IMPure purifier as a defence of pixel images in [0, 1], optionally at fixed noise steps.
 
-    ``steps`` = (image-noise step, feature-noise step) replaces the config's evaluation steps; per image,
-    so a router can give each photo its own.
+    ``steps`` = (image-noise step, feature-noise step) replaces the config's evaluation steps.
     """
 
     def __init__(self, model, steps: tuple[int, int] | None = None):
         super().__init__()
         self.model, self.steps = model.eval(), steps
 
-    def forward(self, images, generator=None, steps=None):
-        steps = steps if steps is not None else self.steps
+    def forward(self, images, generator=None):
         noise = None
-        if steps is not None:
-            n = images.shape[0]
-            noise = ImpureNoise(image_noise_step=torch.full((n,), steps[0], dtype=torch.long),
-                                feature_noise_step=torch.full((n, self.model.config.num_subsets), steps[1], dtype=torch.long))
+        if self.steps is not None:
+            n, subsets = images.shape[0], self.model.config.num_subsets
+            noise = ImpureNoise(image_noise_step=torch.full((n,), self.steps[0], dtype=torch.long),
+                                feature_noise_step=torch.full((n, subsets), self.steps[1], dtype=torch.long))
         return self.model.purify(images, generator=generator, noise=noise).clamp(0, 1)
 
 
@@ -123,7 +123,7 @@ def defences(purifiers: list[str], only: list[str] | None, chain_tv: bool) -> di
         out[spec] = model
         if chain_tv:
             out[f"{spec} -> tv"] = Chain(model, build_baseline("tv"))
-    return {k: v for k, v in out.items() if only is None or k in only or k in purifiers or k.startswith(tuple(purifiers))}
+    return {k: v for k, v in out.items() if only is None or k in only or k.startswith(tuple(purifiers))}
 
 
 def main() -> None:
