@@ -66,19 +66,16 @@ def test_residual_fill_model_exports_and_replays_eager(tmp_path, capsys):
     assert check_onnx(out, wrapper, inputs) <= 1e-4
 
 
-
 def test_own_patch_gate_model_exports_and_replays_eager(tmp_path, capsys):
     model = tiny_model(residual_fill="harmonic", own_patch_gate=True).eval()  # gate weights perturbed, not zero
+    ungated = tiny_model(residual_fill="harmonic", own_patch_gate=True).eval()  # the same weights, gate zeroed
+    with torch.no_grad():
+        for p in ungated.own_patch_gate.parameters():
+            p.zero_()
     wrapper = PurifierWithNoiseInputs(model)
     inputs = (real_photos(n=3), *wrapper.example_inputs(3, 32, seed=5)[1:])
     with torch.no_grad():  # the gate path matters here, so a graph that dropped it would fail the check
-        saved = [p.clone() for p in model.own_patch_gate.parameters()]
-        gated = wrapper(*inputs)
-        for p in model.own_patch_gate.parameters():
-            p.zero_()
-        assert (wrapper(*inputs) - gated).abs().max() > 1e-2
-        for p, value in zip(model.own_patch_gate.parameters(), saved):
-            p.copy_(value)
+        assert (wrapper(*inputs) - PurifierWithNoiseInputs(ungated)(*inputs)).abs().max() > 1e-2
     out = tmp_path / "purifier.onnx"
     assert main(["export", _saved(model, tmp_path), "--out", str(out)]) == 0
     assert "onnxruntime matches eager" in capsys.readouterr().out
